@@ -35,7 +35,8 @@ def cxr3_dir() -> Path:
 @pytest.fixture(scope="session")
 def xray_paths(cxr3_dir: Path) -> dict[str, list[Path]]:
     """A few real X-rays per folder label, in a fixed order."""
-    return {label: sorted((cxr3_dir / "images" / label).glob("*.jpg"))[:4] for label in ("covid19", "normal", "pneumonia")}
+    labels = ("covid19", "normal", "pneumonia")
+    return {label: sorted((cxr3_dir / "images" / label).glob("*.jpg"))[:4] for label in labels}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
