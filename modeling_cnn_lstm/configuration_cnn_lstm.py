@@ -15,7 +15,7 @@ except ImportError:  # pragma: no cover - exercised only on old transformers
 PAPER_BLOCK_WIDTHS: list[list[int]] = [[64, 64], [128, 128], [256, 256], [512, 512, 512], [512, 512, 512]]
 DEFAULT_ID2LABEL: dict[int, str] = {0: "COVID-19", 1: "Normal", 2: "Pneumonia"}
 HEAD_TYPES = ("lstm", "dense")
-CPU_INFERENCE_BACKENDS = ("onnxruntime", "torch")
+CPU_INFERENCE_BACKENDS = ("auto", "bf16", "onnxruntime", "torch")
 # ImageNet statistics: the processor's default, so that timm backbones with pretrained weights work unchanged.
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -54,9 +54,11 @@ class CnnLstmConfig(PreTrainedConfig):
         calibration_temperature (`float`, *optional*, defaults to 1.0):
             Temperature-scaling calibration: the reported logits are divided by it (argmax is unchanged).
         image_mean, image_std (`list[float]`, *optional*): Normalization statistics, copied into the processor.
-        cpu_inference_backend (`str`, *optional*, defaults to `"onnxruntime"`):
-            `"onnxruntime"`: inference on CPU without gradients runs an exported ONNX graph (same fp32 numerics,
-            ~4x faster on 2 cores), falling back to PyTorch where onnxruntime is missing. `"torch"`: always PyTorch.
+        cpu_inference_backend (`str`, *optional*, defaults to `"auto"`):
+            How CPU inference without gradients runs (training and attribution always use PyTorch fp32):
+            `"bf16"`, a bfloat16 channels-last copy of the weights (~2x faster where the CPU has native bf16);
+            `"onnxruntime"`, an exported fp32 graph (same numerics, ~1.3x faster); `"torch"`, plain fp32 PyTorch;
+            `"auto"`, bf16 where the CPU supports it natively, else onnxruntime if installed, else torch.
     """
 
     model_type = "cnn_lstm"
@@ -81,7 +83,7 @@ class CnnLstmConfig(PreTrainedConfig):
         calibration_temperature: float = 1.0,
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
-        cpu_inference_backend: str = "onnxruntime",
+        cpu_inference_backend: str = "auto",
         **kwargs: Any,
     ) -> None:
         if "id2label" not in kwargs and "num_labels" not in kwargs:

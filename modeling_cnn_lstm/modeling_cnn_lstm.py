@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttention, ImageClassifierOutput
 
 from .configuration_cnn_lstm import CnnLstmConfig
-from .onnx_cnn_lstm import CnnLstmOnnxRuntime
+from .fast_inference_cnn_lstm import CnnLstmFastInference, resolve_backend
 
 try:  # transformers >= 5: init functions that skip tensors already loaded from a checkpoint.
     from transformers import initialization as init
@@ -231,13 +231,13 @@ class CnnLstmForImageClassification(CnnLstmPreTrainedModel):
         num_steps = encoder.out_size * encoder.out_size
         head_class = CnnLstmSequenceHead if config.head_type == "lstm" else CnnLstmDenseHead
         self.head = head_class(config, encoder.out_channels, num_steps)
-        self._onnx_runtime = CnnLstmOnnxRuntime()
+        self._fast_inference = CnnLstmFastInference()
         self.post_init()
 
     def _fast_path_applies(self, pixel_values: torch.Tensor) -> bool:
-        """ONNX Runtime is exact where nothing needs PyTorch: CPU fp32 eval without gradients or tracing."""
+        """The fast runners stand in only where nothing needs PyTorch: CPU fp32 eval without gradients or tracing."""
         return (
-            self.config.cpu_inference_backend == "onnxruntime"
+            self.config.cpu_inference_backend != "torch"
             and not self.training
             and not torch.is_grad_enabled()
             and pixel_values.device.type == "cpu"
@@ -268,7 +268,8 @@ class CnnLstmForImageClassification(CnnLstmPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if labels is None and not output_hidden_states and self._fast_path_applies(pixel_values):
             self._check_pixel_values(pixel_values)
-            logits = self._onnx_runtime.logits(self, pixel_values)
+            backend = resolve_backend(self.config.cpu_inference_backend)
+            logits = self._fast_inference.logits(self, pixel_values, backend)
             if logits is not None:
                 return ImageClassifierOutput(logits=logits) if return_dict else (logits,)
         outputs = self.cnn_lstm(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
