@@ -276,6 +276,10 @@ class TestPaperConfig:
         assert sum(p.numel() for p in dense.parameters()) == 15_730_499
         conv_layers = [conv for block in model.cnn_lstm.encoder.blocks for conv in block.convs]
         assert len(conv_layers) == 12
+        per_block = [sum(p.numel() for p in block.parameters()) for block in model.cnn_lstm.encoder.blocks]
+        assert per_block == [38_720, 221_440, 885_248, 5_899_776, 7_079_424]  # the README's table
+        assert sum(p.numel() for p in model.head.lstm.parameters()) == 2_101_248
+        assert sum(p.numel() for p in model.head.fc.parameters()) == 1_605_696
         seen = {}
         hooks = [
             model.head.lstm.register_forward_hook(lambda m, i, o: seen.update(lstm_in=i[0].shape, lstm=o[0].shape)),
