@@ -69,7 +69,8 @@ def _summary(output_dir: Path, wall_seconds: float) -> str:
         lines.append(
             "  decode+preprocess (224x224 float, 1 thread): "
             f"original {bench['original_images_per_second']:.0f} images/s, "
-            f"pre-resized {bench['pre_resized_side']} px PNG {bench['pre_resized_images_per_second']:.0f} images/s"
+            f"pre-resized {bench['pre_resized_side']} px {bench['pre_resized_format'].upper()} "
+            f"{bench['pre_resized_images_per_second']:.0f} images/s"
         )
     timing = report["timing"]
     lines.append(
@@ -79,15 +80,20 @@ def _summary(output_dir: Path, wall_seconds: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> tuple[SourceArguments, CorpusOptions, HubArguments]:
+    """Command-line flags, or a single JSON file holding the same keys."""
     parser = HfArgumentParser((SourceArguments, CorpusOptions, HubArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=argv[0])
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     datasets.disable_progress_bars()
     try:
-        if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-            sources, options, hub = parser.parse_json_file(json_file=sys.argv[1])
-        else:
-            sources, options, hub = parser.parse_args_into_dataclasses(args=argv)
+        sources, options, hub = parse_args(argv)
         output_dir = build_corpus(sources.source_dir, sources.output_dir, **asdict(options))
         print(_summary(output_dir, time.perf_counter() - _START))
         if hub.push_to_hub:

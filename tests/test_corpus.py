@@ -311,16 +311,18 @@ def test_paper_protocol_is_image_level_and_marked_leaky(subset, tmp_path: Path) 
     assert "LEAKY SPLIT" in card and "leaky-split" in card
 
 
-def test_pre_resized_corpus_stores_small_pngs(subset, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("fmt", "pil_format"), [("jpeg", "JPEG"), ("png", "PNG")])
+def test_pre_resized_corpus_stores_small_images(subset, tmp_path: Path, fmt: str, pil_format: str) -> None:
     from datasets import load_from_disk
 
-    out = build_corpus([subset[0]], tmp_path / "small", resize_longer_side=64, benchmark_images=4, num_workers=1)
+    options = {"resize_longer_side": 64, "resized_format": fmt, "benchmark_images": 4, "num_workers": 1}
+    out = build_corpus([subset[0]], tmp_path / "small", **options)
     corpus = load_from_disk(str(out))
     for split in corpus.values():
         for image in split["image"]:
-            assert image.format == "PNG" and image.mode == "L" and max(image.size) <= 64
+            assert image.format == pil_format and image.mode == "L" and max(image.size) == 64
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    assert report["stored_images"].startswith("PNG") and report["decode_benchmark"]["pre_resized_side"] == 64
+    assert report["stored_images"].startswith(pil_format) and report["decode_benchmark"]["pre_resized_side"] == 64
     assert report["decode_benchmark"]["pre_resized_images_per_second"] > 0
     assert report["image_stats"]["all"]["width"]["max"] == 512  # statistics describe the source images
 
@@ -338,6 +340,7 @@ def test_dataset_card_metadata_and_content(built) -> None:
     assert names == {"0": "COVID-19", "1": "Normal", "2": "Pneumonia"}
     splits = {s["name"]: s["num_examples"] for s in card.data.dataset_info["splits"]}
     assert splits == {split: corpus[split].num_rows for split in ("train", "validation", "test")}
+    assert all(s["num_bytes"] > 0 for s in card.data.dataset_info["splits"])
     assert [c["config_name"] for c in card.data.configs] == ["default"]
     body = card.text
     test_counts = report["splits"]["test"]
@@ -536,6 +539,7 @@ def test_bad_images_are_skipped_and_listed(small_source, tmp_path: Path) -> None
     (source / "images/covid19/corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8)
     (source / "images/normal/notes.jpg").write_text("radiologist notes, not an image")
     (source / "images/normal/empty.jpg").write_bytes(b"")
+    shutil.copyfile(source / rows[0]["file"], source / "images/normal/unlisted.jpg")
     bad = ["truncated.jpg", "corrupt.jpg", "notes.jpg", "empty.jpg"]
     extra = [
         {**rows[0], "file": f"images/{'covid19' if i < 2 else 'normal'}/{name}", "patient_group": f"bad:{i}"}
@@ -550,6 +554,8 @@ def test_bad_images_are_skipped_and_listed(small_source, tmp_path: Path) -> None
     assert "empty file" in reasons["empty.jpg"]
     assert report["images"] == len(rows)
     assert "truncated.jpg" in (out / "report.md").read_text(encoding="utf-8")
+    assert any("1 file(s) under images/ are not listed" in note for note in report["notes"])
+    assert any("differently from its images/<label>/ folder" in note for note in report["notes"])  # notes.jpg
 
 
 def test_missing_listed_files_fail_or_skip(small_source, tmp_path: Path) -> None:
@@ -698,3 +704,28 @@ def test_cli_main_turns_errors_into_one_line(tmp_path: Path, capsys: pytest.Capt
     assert err == [f"error: source folder {tmp_path / 'empty'} is empty; point --source_dir at a folder with images"]
     assert cli.main(["--source_dir", "a", "--source_dir", "b", "--output_dir", "o", "--num_folds", "1"]) == 2
     assert "num_folds" in capsys.readouterr().err
+    sources, options, hub = cli.parse_args(["--source_dir", "a", "--source_dir", "b", "c", "--output_dir", "o"])
+    assert sources.source_dir == ["a", "b", "c"] and options.protocol == "patient" and hub.push_to_hub is None
+    config = tmp_path / "corpus.json"
+    config.write_text(json.dumps({"source_dir": ["a"], "output_dir": "o", "protocol": "paper", "num_folds": 3}))
+    sources, options, _ = cli.parse_args([str(config)])
+    assert sources.source_dir == ["a"] and options.protocol == "paper" and options.num_folds == 3
+
+
+@pytest.mark.slow
+def test_full_cxr3_build_keeps_every_source_group_in_one_split(cxr3_dir: Path, tmp_path: Path) -> None:
+    """All 1,038 real images (a few seconds here): every metadata patient_group lands in exactly one split/fold."""
+    from datasets import load_from_disk
+
+    out = build_corpus([cxr3_dir], tmp_path / "full", benchmark_images=0)
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    rows = _metadata(cxr3_dir)
+    group_of = {Path(row["file"]).name: row["patient_group"] for row in rows}
+    places = defaultdict(set)
+    for item in _frame(load_from_disk(str(out))):
+        places[group_of[item["name"]]].add((item["split"], item["fold"]))
+    assert len(places) == 857 and all(len(where) == 1 for where in places.values())
+    assert report["images"] == 1038 and report["patients"] == 857 and report["skipped"] == []
+    for label, folder in zip(LABEL_NAMES, ("covid19", "normal", "pneumonia"), strict=True):
+        in_test = report["splits"]["test"]["by_label"][label]["images"]
+        assert abs(in_test / sum(row["label"] == folder for row in rows) - 0.2) < 0.02

@@ -23,7 +23,7 @@ from .corpus_images import (
     PHASH_THRESHOLD,
     ImageProblem,
     decode_images_per_second,
-    encode_png,
+    encode_resized,
     load_image,
     resize_longer_side,
 )
@@ -83,7 +83,11 @@ class CorpusOptions:
         default=False, metadata={"help": "Skip (and report) files that a metadata.csv lists but that do not exist."}
     )
     resize_longer_side: int | None = field(
-        default=None, metadata={"help": "Store images shrunk to this longer side, as lossless PNG (e.g. 256)."}
+        default=None, metadata={"help": "Store images shrunk to this longer side (e.g. 256) so decoding is cheap."}
+    )
+    resized_format: Literal["jpeg", "png"] = field(
+        default="jpeg",
+        metadata={"help": "Format of pre-resized images: jpeg (quality 95, fastest to decode) or png (lossless)."},
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output_dir (atomically)."})
     num_workers: int = field(default=2, metadata={"help": "Threads that decode images."})
@@ -160,12 +164,12 @@ def _label_policy(results: list[AdapterResult], drop_unknown: bool) -> tuple[lis
     return records, {label: len(items) for label, items in sorted(unknown.items())}
 
 
-def _load_all(records: list[CorpusRecord], longer_side: int | None, workers: int) -> tuple[list, list[dict]]:
+def _load_all(records: list[CorpusRecord], longer_side: int | None, fmt: str, workers: int) -> tuple[list, list]:
     """Decode every record (threads: PIL releases the GIL while decoding); bad images become report entries."""
 
     def load(record: CorpusRecord):
         try:
-            return load_image(record.path, longer_side)
+            return load_image(record.path, longer_side, fmt)
         except ImageProblem as problem:
             return str(problem)
 
@@ -207,8 +211,8 @@ def _dataset_dict(rows: list[CorpusRow]):
     return DatasetDict(splits)
 
 
-def _decode_benchmark(rows: list[CorpusRow], count: int, longer_side: int | None) -> dict:
-    """Decode+preprocess speed from the original files versus pre-resized PNGs, on the same images."""
+def _decode_benchmark(rows: list[CorpusRow], count: int, longer_side: int | None, fmt: str) -> dict:
+    """Decode+preprocess speed from the original files versus pre-resized images, on the same images."""
     if count <= 0 or not rows:
         return {}
     step = max(1, len(rows) // count)
@@ -222,11 +226,12 @@ def _decode_benchmark(rows: list[CorpusRow], count: int, longer_side: int | None
         resized = []
         for row in sample:
             with Image.open(row.record.path) as image:
-                resized.append(encode_png(resize_longer_side(image, BENCHMARK_SIDE)))
+                resized.append(encode_resized(resize_longer_side(image, BENCHMARK_SIDE), fmt))
     return {
         "images": len(sample),
         "original_images_per_second": decode_images_per_second(originals),
         "pre_resized_side": longer_side or BENCHMARK_SIDE,
+        "pre_resized_format": fmt,
         "pre_resized_images_per_second": decode_images_per_second(resized),
     }
 
@@ -277,8 +282,10 @@ def build_corpus(source_dirs: Iterable[str | Path] | str | Path, output_dir: str
     results = [read_source(source, opts.layout, opts.skip_missing_files) for source in sources]
     records, dropped = _label_policy(results, opts.drop_unknown_labels)
     logger.info("decoding %d images from %d source folder(s)", len(records), len(sources))
-    rows, bad_images = _load_all(records, opts.resize_longer_side, opts.num_workers)
+    rows, bad_images = _load_all(records, opts.resize_longer_side, opts.resized_format, opts.num_workers)
     skipped = [skip for result in results for skip in result.skipped] + bad_images
+    if not records:
+        raise CorpusError("no images left after dropping unknown labels; check the labels of the source folders")
     if not rows:
         raise CorpusError(f"none of the {len(records)} listed images could be decoded; first: {skipped[0]['file']}")
     groups = PatientGroups()
@@ -299,7 +306,8 @@ def build_corpus(source_dirs: Iterable[str | Path] | str | Path, output_dir: str
             if leakage[k]
         }
         if bad:
-            raise CorpusError(f"the split leaks ({bad}; e.g. {leakage['splits']}); nothing was written")
+            examples = [e for part in ("splits", "folds") for v in leakage[part].values() for e in v["examples"]]
+            raise CorpusError(f"the split leaks {bad} (e.g. patients {examples[:3]}); nothing was written")
     corpus = _dataset_dict(rows)
     class_source, warnings = class_source_table(rows)
     warnings += [
@@ -310,7 +318,7 @@ def build_corpus(source_dirs: Iterable[str | Path] | str | Path, output_dir: str
     ]
     if opts.protocol == "paper":
         warnings.insert(0, "LEAKY: paper protocol (image-level split); patients and near-duplicates straddle splits")
-    benchmark = _decode_benchmark(rows, opts.benchmark_images, opts.resize_longer_side)
+    benchmark = _decode_benchmark(rows, opts.benchmark_images, opts.resize_longer_side, opts.resized_format)
     report = {
         "protocol": opts.protocol,
         "leaky": opts.protocol == "paper",
@@ -327,10 +335,10 @@ def build_corpus(source_dirs: Iterable[str | Path] | str | Path, output_dir: str
         "images_listed": len(records) + sum(dropped.values()),
         "images": len(rows),
         "patients": len({row.patient_id for row in rows}),
-        "stored_images": f"PNG, longer side <= {opts.resize_longer_side} px"
+        "stored_images": f"{opts.resized_format.upper()}, longer side <= {opts.resize_longer_side} px"
         if opts.resize_longer_side
         else "original files",
-        "splits": split_tables(rows),
+        "splits": {name: {**table, "bytes": corpus[name].data.nbytes} for name, table in split_tables(rows).items()},
         "folds": fold_tables(rows),
         "leakage": leakage,
         "deduplication": {

@@ -162,7 +162,7 @@ def read_cxr3(source_dir: Path, skip_missing_files: bool = False) -> AdapterResu
     absent = [column for column in CXR3_OPTIONAL if column not in columns]
     if absent:
         result.notes.append(f"{listing}: no column(s) {', '.join(absent)}; used defaults (source = folder name)")
-    missing = []
+    missing, mismatched = [], []
     for line, row in rows:
         name = row["file"]
         if not name:
@@ -172,6 +172,9 @@ def read_cxr3(source_dir: Path, skip_missing_files: bool = False) -> AdapterResu
             missing.append(name)
             continue
         raw_label = row["label"]
+        parts = Path(name).parts
+        if len(parts) == 3 and parts[0] == "images" and label_from_name(parts[1]) != label_from_name(raw_label):
+            mismatched.append(f"{name} ({raw_label})")
         result.records.append(
             CorpusRecord(
                 path=path,
@@ -187,6 +190,23 @@ def read_cxr3(source_dir: Path, skip_missing_files: bool = False) -> AdapterResu
             )
         )
     _check_missing(result, missing, listing, skip_missing_files)
+    if mismatched:
+        result.notes.append(
+            f"{listing}: {len(mismatched)} row(s) label an image differently from its images/<label>/ folder; "
+            f"the label column was used (e.g. {', '.join(mismatched[:3])})"
+        )
+    listed = {Path(row["file"]).as_posix() for _, row in rows}
+    images_dir = source_dir / "images"
+    unlisted = [
+        path.relative_to(source_dir).as_posix()
+        for path in (sorted(images_dir.rglob("*")) if images_dir.is_dir() else [])
+        if path.is_file() and not path.name.startswith(".") and path.relative_to(source_dir).as_posix() not in listed
+    ]
+    if unlisted:
+        result.notes.append(
+            f"{source_dir}: {len(unlisted)} file(s) under images/ are not listed in metadata.csv and were ignored "
+            f"(e.g. {', '.join(unlisted[:3])}); add rows for them to include them"
+        )
     return result
 
 

@@ -47,7 +47,7 @@ class LoadedImage:
     width: int
     height: int
     format: str
-    data: bytes  # bytes to store: the original file, or a re-encoded PNG when pre-resizing
+    data: bytes  # bytes to store: the original file, or the re-encoded image when pre-resizing
     stored_suffix: str
 
 
@@ -118,14 +118,25 @@ def resize_longer_side(image: Image.Image, longer_side: int) -> Image.Image:
     return image
 
 
-def encode_png(image: Image.Image) -> bytes:
-    """Lossless storage for pre-resized images: no second JPEG generation loss on top of the source's."""
+RESIZED_FORMATS = {"jpeg": ".jpg", "png": ".png"}
+
+
+def encode_resized(image: Image.Image, fmt: str = "jpeg") -> bytes:
+    """Storage for pre-resized images.
+
+    jpeg (quality 95, no chroma subsampling): decodes fastest (256 px: ~1,170 images/s decode+preprocess on one
+    core here, versus ~750 for PNG and ~470 for the 512 px source JPEGs) at a barely visible second-generation loss.
+    png: lossless, for when pixel-exact copies of the decoded source matter more than loading speed.
+    """
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=6)
+    if fmt == "png":
+        image.save(buffer, format="PNG", compress_level=6)
+    else:
+        image.save(buffer, format="JPEG", quality=95, subsampling=0)
     return buffer.getvalue()
 
 
-def load_image(path, longer_side: int | None = None) -> LoadedImage:
+def load_image(path, longer_side: int | None = None, resized_format: str = "jpeg") -> LoadedImage:
     """Read and fully decode one file; raise ImageProblem with a reason a user can act on."""
     try:
         data = path.read_bytes()
@@ -142,8 +153,8 @@ def load_image(path, longer_side: int | None = None) -> LoadedImage:
             phash = perceptual_hash(image)
             loaded = LoadedImage(sha256, phash, image.mode, image.width, image.height, fmt, data, path.suffix)
             if longer_side:
-                loaded.data = encode_png(resize_longer_side(image, longer_side))
-                loaded.stored_suffix = ".png"
+                loaded.data = encode_resized(resize_longer_side(image, longer_side), resized_format)
+                loaded.stored_suffix = RESIZED_FORMATS[resized_format]
     except UnidentifiedImageError:
         raise ImageProblem("not an image file PIL can read") from None
     except Image.DecompressionBombError as error:

@@ -278,7 +278,8 @@ def report_markdown(report: dict) -> str:
         lines += [
             f"Decode + preprocess (224x224 float, 1 thread, {bench['images']} images): original files "
             f"{bench['original_images_per_second']:.0f} images/s; pre-resized to {bench['pre_resized_side']} px "
-            f"PNG {bench['pre_resized_images_per_second']:.0f} images/s. Stored: {report['stored_images']}.",
+            f"{bench['pre_resized_format'].upper()} {bench['pre_resized_images_per_second']:.0f} images/s. "
+            f"Stored: {report['stored_images']}.",
             "",
         ]
     skipped = report["skipped"]
@@ -319,7 +320,8 @@ def dataset_card(report: dict, features, repo_id: str | None = None, pretty_name
     )
     splits = SplitDict()
     for split in SPLITS:
-        splits.add(SplitInfo(name=split, num_examples=report["splits"][split]["images"]))
+        entry = report["splits"][split]
+        splits.add(SplitInfo(name=split, num_bytes=entry.get("bytes", 0), num_examples=entry["images"]))
     DatasetInfosDict({"default": DatasetInfo(features=features, splits=splits)}).to_dataset_card_data(card_data)
     data_files = [{"split": split, "path": f"data/{split}-*"} for split in SPLITS]
     MetadataConfigs({"default": {"data_files": data_files}}).to_dataset_card_data(card_data)
