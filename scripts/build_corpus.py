@@ -40,6 +40,8 @@ class SourceArguments:
 
 @dataclass
 class HubArguments:
+    """Optional upload; the token comes from `huggingface-cli login` or HF_TOKEN."""
+
     push_to_hub: str | None = field(default=None, metadata={"help": "Hub dataset repo id to upload the corpus to."})
     hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
 
@@ -90,7 +92,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[SourceArguments, CorpusOp
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("train").setLevel(logging.INFO)  # our progress lines, not every HTTP request of a push
     datasets.disable_progress_bars()
     try:
         sources, options, hub = parse_args(argv)

@@ -16,7 +16,9 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+from PIL import Image
 
 from .corpus_adapters import LABEL_NAMES, LAYOUTS, AdapterResult, CorpusError, CorpusRecord, read_source
 from .corpus_images import (
@@ -40,6 +42,9 @@ from .corpus_report import (
     write_reports,
 )
 from .corpus_split import PatientGroups, assign_groups, deduplicate, group_and_split
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict, Features
 
 __all__ = [
     "LABEL_NAMES",
@@ -112,7 +117,7 @@ class CorpusOptions:
             raise CorpusError(f"num_workers must be at least 1, got {self.num_workers}")
 
 
-def corpus_features():
+def corpus_features() -> "Features":
     """The corpus schema other parts of the project rely on (label ids 0, 1, 2 = LABEL_NAMES)."""
     from datasets import ClassLabel, Features, Image, Value
 
@@ -184,7 +189,7 @@ def _load_all(records: list[CorpusRecord], longer_side: int | None, fmt: str, wo
     return loaded, skipped
 
 
-def _dataset_dict(rows: list[CorpusRow]):
+def _dataset_dict(rows: list[CorpusRow]) -> "DatasetDict":
     from datasets import Dataset, DatasetDict
 
     features = corpus_features()
@@ -217,8 +222,6 @@ def _decode_benchmark(rows: list[CorpusRow], count: int, longer_side: int | None
         return {}
     step = max(1, len(rows) // count)
     sample = rows[::step][:count]
-    from PIL import Image
-
     originals = [row.record.path.read_bytes() for row in sample]
     if longer_side:
         resized = [row.image.data for row in sample]

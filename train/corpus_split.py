@@ -92,6 +92,7 @@ def assign_groups(
 
 
 def member_ids(row: CorpusRow) -> list[str]:
+    """Source patient ids of a row; an image without one is its own patient (keyed by its pixel hash)."""
     ids = [part.strip() for part in row.record.patient_id.split("|") if part.strip()]
     return ids or [f"{row.record.source}:image:{row.image.sha256[:16]}"]
 
