@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hub_standin import hub_standin_fixture  # noqa: F401  (registers the `hub_standin` fixture)
 from PIL import Image, ImageEnhance
 
 import train.corpus as corpus_module
@@ -729,3 +730,27 @@ def test_full_cxr3_build_keeps_every_source_group_in_one_split(cxr3_dir: Path, t
     for label, folder in zip(LABEL_NAMES, ("covid19", "normal", "pneumonia"), strict=True):
         in_test = report["splits"]["test"]["by_label"][label]["images"]
         assert abs(in_test / sum(row["label"] == folder for row in rows) - 0.2) < 0.02
+
+
+def test_push_to_hub_round_trip(built, hub_standin, tmp_path: Path) -> None:
+    """The CLI's push lands parquet shards and our card on a local Hub stand-in; load_dataset reads it back."""
+    from hub_standin import hub_env, run_python
+
+    output, corpus, _, _ = built
+    env = hub_env(hub_standin.endpoint, tmp_path / "hf-home")
+    code = f"""
+import json
+from train.corpus import push_corpus_to_hub
+push_corpus_to_hub({str(output)!r}, "standin-user/cxr3-subset")
+from datasets import load_dataset
+loaded = load_dataset("standin-user/cxr3-subset")
+print(json.dumps({{split: [loaded[split].num_rows, loaded[split].features["label"].names] for split in loaded}}))
+"""
+    result = json.loads(run_python(code, env, cwd=Path(__file__).resolve().parents[1]).strip().splitlines()[-1])
+    for split in ("train", "validation", "test"):
+        assert result[split] == [corpus[split].num_rows, list(LABEL_NAMES)]
+    files = hub_standin.list_files("standin-user/cxr3-subset", repo_type="dataset")
+    assert "README.md" in files and any(name.endswith(".parquet") for name in files)
+    card = hub_standin.read_file("standin-user/cxr3-subset", "README.md", repo_type="dataset").decode()
+    assert card.startswith("---\n") and "Not for clinical diagnosis" in card
+    assert not hub_standin.unknown_requests
