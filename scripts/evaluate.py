@@ -1,0 +1,131 @@
+"""Evaluate any checkpoint (folder or Hub id) on a built corpus or on any cxr3-layout folder.
+
+    python scripts/evaluate.py --model checkpoints/cnn-lstm-cxr3 --data_dir ../shared/data/cxr3 --output_dir eval/
+
+Prints ONE JSON object of metrics on stdout (logs go to stderr) and writes the report folder: metrics.json,
+report.md and the PNG figures, as at the end of training. Images go through the checkpoint's own image processor
+and forward pass, i.e. exactly what a user of the checkpoint gets (the stored calibration temperature included;
+"uncalibrated" numbers are recomputed from logits x T).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# This file is named evaluate.py: drop its folder from sys.path so `import evaluate` finds the library, not us.
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _REPO_ROOT / "scripts"]
+sys.path.insert(0, str(_REPO_ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from datasets import Dataset, DatasetDict, load_from_disk  # noqa: E402
+from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser  # noqa: E402
+
+from train.data import DataError, check_dataset, is_cxr3_folder, is_saved_dataset, read_cxr3_folder  # noqa: E402
+from train.report import write_report  # noqa: E402
+
+logger = logging.getLogger("evaluate_checkpoint")
+SUMMARY_KEYS = ("accuracy", "macro_precision", "macro_sensitivity", "macro_specificity", "macro_f1", "macro_auc")
+
+
+@dataclass
+class EvaluateArguments:
+    model: str = field(metadata={"help": "Checkpoint folder or Hub model id (loaded with trust_remote_code)."})
+    data_dir: str = field(metadata={"help": "A save_to_disk corpus or any folder in the cxr3 layout."})
+    output_dir: str | None = field(default=None, metadata={"help": "Report folder (default: evaluation/<model>)."})
+    split: str = field(default="test", metadata={"help": "Split of a built corpus to evaluate."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of --model."})
+    batch_size: int = field(default=32, metadata={"help": "Images per forward pass."})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda."})
+    cpu_inference_backend: str | None = field(
+        default=None, metadata={"help": "Override the checkpoint's CPU backend (torch = exact fp32 PyTorch)."}
+    )
+    bootstrap_samples: int = field(default=1000, metadata={"help": "Bootstrap resamples for the 95% intervals."})
+    ece_bins: int = field(default=15, metadata={"help": "Equal-width confidence bins of the ECE."})
+    seed: int = field(default=0, metadata={"help": "Seed of the bootstrap."})
+
+
+def load_split(data_dir: Path, split: str, label_names: list[str]) -> Dataset:
+    """All images of a cxr3-layout folder, or one split of a built corpus, label names checked."""
+    if is_cxr3_folder(data_dir) and not is_saved_dataset(data_dir):
+        return read_cxr3_folder(data_dir, label_names)
+    if not is_saved_dataset(data_dir):
+        raise DataError(f"{data_dir} is neither a built corpus (save_to_disk) nor a cxr3-layout folder")
+    loaded = load_from_disk(str(data_dir))
+    dataset = loaded if isinstance(loaded, DatasetDict) else DatasetDict({split: loaded})
+    check_dataset(dataset, label_names, [split])
+    return dataset[split]
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, processor, dataset: Dataset, batch_size: int, device: torch.device) -> np.ndarray:
+    """Logits as the checkpoint reports them (divided by its calibration temperature)."""
+    batches = []
+    for start in range(0, len(dataset), batch_size):
+        images = dataset[start : start + batch_size]["image"]
+        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
+        batches.append(model(pixel_values=pixel_values).logits.float().cpu().numpy())
+        logger.info("evaluated %d / %d images", min(start + batch_size, len(dataset)), len(dataset))
+    return np.concatenate(batches).astype(np.float64)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (args,) = HfArgumentParser(EvaluateArguments).parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace(
+        "auto", "cpu"))  # fmt: skip
+    model = AutoModelForImageClassification.from_pretrained(
+        args.model, trust_remote_code=True, revision=args.revision, dtype=torch.float32
+    ).to(device)
+    model.eval()
+    if args.cpu_inference_backend is not None:
+        model.config.cpu_inference_backend = args.cpu_inference_backend
+    processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=True, revision=args.revision)
+    label_names = [model.config.id2label[index] for index in range(model.config.num_labels)]
+    data_dir = Path(args.data_dir)
+    dataset = load_split(data_dir, args.split, label_names)
+    temperature = float(getattr(model.config, "calibration_temperature", 1.0))
+    logits = predict(model, processor, dataset, args.batch_size, device) * temperature  # undo T: raw logits
+    labels = np.asarray(dataset["label"], dtype=np.int64)
+    columns = {name: dataset[name] for name in ("patient_id", "source") if name in dataset.column_names}
+    output_dir = Path(args.output_dir or Path("evaluation") / f"{Path(args.model).name}__{data_dir.name}")
+    report = write_report(
+        output_dir,
+        logits,
+        labels,
+        label_names,
+        temperature,
+        "checkpoint's stored",
+        columns,
+        None,
+        args.bootstrap_samples,
+        args.ece_bins,
+        args.seed,
+        {"model": args.model, "data_dir": str(data_dir), "split": args.split},
+    )
+    metrics = report["metrics"]
+    summary = {
+        "model": args.model,
+        "data_dir": str(data_dir),
+        "num_samples": report["num_samples"],
+        **{key: metrics[key] for key in SUMMARY_KEYS},
+        "ece": report["calibration"]["ece_after"],
+        "ece_uncalibrated": report["calibration"]["ece_before"],
+        "temperature": temperature,
+        "per_class": metrics["per_class"],
+        "confusion_matrix": metrics["confusion_matrix"],
+        "intervals": report["bootstrap"]["intervals"],
+        "per_source": {name: values["accuracy"] for name, values in report["per_source"].items()},
+        "report_dir": str(output_dir),
+    }
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""`train/run.py` on the tiny config with real X-rays on CPU: every artifact, CV, data errors, resume, seeds.
+
+Each run is a few optimizer steps of a 13k-parameter model at 32x32; what is tested is the plumbing and the
+artifacts, not accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from PIL import Image
+from safetensors.torch import load_file
+from train_helpers import LABEL_NAMES, make_dataset_dict, mini_cxr3_fixture, run_main, tiny_args, tiny_corpus_fixture  # noqa: F401  (fixtures)
+
+from train.data import DataError
+
+CORPUS_OPTIONS = json.dumps({"num_folds": 2, "test_fraction": 0.25, "num_workers": 1, "benchmark_images": 0})
+PLOTS = (
+    "confusion_matrix",
+    "accuracy_curves",
+    "loss_curves",
+    "per_class_metrics",
+    "roc_curves",
+    "reliability_diagram",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(mini_cxr3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny run from a RAW cxr3-layout folder: the corpus builder runs on the fly."""
+    output_dir = tmp_path_factory.mktemp("tiny-run")
+    final = run_main(tiny_args(mini_cxr3, output_dir, "--corpus_options", CORPUS_OPTIONS))
+    assert final == output_dir / "final"
+    return output_dir
+
+
+def assert_fraction(value: object) -> None:
+    assert isinstance(value, float) and 0.0 <= value <= 1.0, value
+
+
+def test_final_folder_is_a_hub_model_repo(tiny_run: Path):
+    final = tiny_run / "final"
+    config = json.loads((final / "config.json").read_text())
+    assert config["id2label"] == {str(i): name for i, name in enumerate(LABEL_NAMES)}
+    assert config["calibration_temperature"] > 0 and config["calibration_temperature"] != 1.0
+    assert config["cpu_inference_backend"] != "torch"  # training's setting is not shipped
+    for reference in (*config["auto_map"].values(), *json.loads((final / "preprocessor_config.json").read_text())[
+            "auto_map"].values()):  # fmt: skip
+        assert (final / f"{reference.split('.')[0]}.py").is_file()
+    assert (final / "model.safetensors").is_file() and (final / "README.md").is_file()
+    assert not list(tiny_run.glob(".final.*")), "temporary folders left behind"
+    assert (tiny_run / "corpus" / "dataset_dict.json").is_file(), "the raw folder was not built into a corpus"
+
+
+def test_metrics_json_keys_and_ranges(tiny_run: Path):
+    report = json.loads((tiny_run / "final" / "report" / "metrics.json").read_text())
+    metrics = report["metrics"]
+    for key in ("accuracy", "macro_precision", "macro_sensitivity", "macro_specificity", "macro_f1", "macro_auc"):
+        assert_fraction(metrics[key])
+    for values in metrics["per_class"].values():
+        for key in ("accuracy", "sensitivity", "specificity", "auc"):
+            assert_fraction(values[key])
+    assert list(metrics["per_class"]) == LABEL_NAMES
+    assert np.asarray(metrics["confusion_matrix"]).sum() == report["num_samples"] > 0
+    calibration = report["calibration"]
+    assert calibration["fitted_on"] == "validation"
+    assert_fraction(calibration["ece_before"])
+    assert_fraction(calibration["ece_after"])
+    intervals = report["bootstrap"]["intervals"]
+    assert report["bootstrap"]["unit"] == "patient"
+    for key in ("accuracy", "macro_f1", "macro_auc"):
+        assert intervals[key]["low"] <= metrics[key] <= intervals[key]["high"]
+    assert report["per_source"] and all(v["num_samples"] > 0 for v in report["per_source"].values())
+    assert sum(v["num_samples"] for v in report["per_source"].values()) == report["num_samples"]
+    assert report["run"]["world_size"] == 1
+    history = json.loads((tiny_run / "final" / "report" / "training_history.json").read_text())["training"]
+    assert any("train_accuracy" in entry for entry in history)
+    assert any("eval_macro_f1" in entry for entry in history)
+
+
+def test_plots_are_valid_pngs(tiny_run: Path):
+    for name in PLOTS:
+        path = tiny_run / "final" / "report" / f"{name}.png"
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            assert image.format == "PNG" and min(image.size) > 100
+
+
+def test_model_card_rendered_without_placeholders(tiny_run: Path):
+    text = (tiny_run / "final" / "README.md").read_text()
+    assert "{{" not in text and "}}" not in text
+    card = ModelCard(text)
+    data = card.data.to_dict()
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "image-classification"
+    assert data["model-index"][0]["results"][0]["metrics"][0]["value"] is not None
+    assert "Research use only" in text and "Not for diagnosis" in text
+    assert "| COVID-19 |" in text and "99.4" in text  # per-class table and the paper comparison
+    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+        assert (tiny_run / "final" / image).is_file(), image
+
+
+def test_checkpoint_loads_and_predicts_through_pipeline(tiny_run: Path, mini_cxr3: Path):
+    from transformers import AutoModelForImageClassification, pipeline
+
+    final = tiny_run / "final"
+    model = AutoModelForImageClassification.from_pretrained(final, trust_remote_code=True)
+    weights = load_file(final / "model.safetensors")
+    assert torch.equal(model.state_dict()["head.classifier.weight"], weights["head.classifier.weight"])
+    classifier = pipeline("image-classification", model=str(final), trust_remote_code=True)
+    image_path = next((mini_cxr3 / "images" / "covid19").glob("*.jpg"))
+    predictions = classifier(str(image_path))
+    assert sorted(p["label"] for p in predictions) == sorted(LABEL_NAMES)
+    assert sum(p["score"] for p in predictions) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_cross_validation_on_folds(tiny_corpus: Path, tmp_path: Path):
+    output_dir = tmp_path / "cv"
+    final = run_main(tiny_args(tiny_corpus, output_dir, "--cross_validation", "2", "--max_steps", "2"))
+    cv = json.loads((output_dir / "cv_results.json").read_text())
+    assert [fold["fold"] for fold in cv["folds"]] == [0, 1]
+    for key in ("accuracy", "macro_f1", "macro_auc"):
+        values = [fold["metrics"][key] for fold in cv["folds"]]
+        assert cv["summary"][key]["mean"] == pytest.approx(np.mean(values))
+        assert cv["summary"][key]["std"] == pytest.approx(np.std(values, ddof=1))
+    for fold in (0, 1):
+        assert (output_dir / f"fold-{fold}" / "fold_result.json").is_file()
+        assert not list((output_dir / f"fold-{fold}").glob("checkpoint-*"))
+    report = json.loads((final / "report" / "metrics.json").read_text())
+    assert report["calibration"]["fitted_on"] == "out-of-fold cross-validation"
+    assert report["cross_validation"]["k"] == 2
+    text = (final / "README.md").read_text()
+    assert "2-fold cross-validation" in text and "+-" in text and "{{" not in text
+
+
+def test_label_mismatch_fails_before_training(mini_cxr3: Path, tmp_path: Path):
+    corpus = tmp_path / "wrong-labels"
+    make_dataset_dict(mini_cxr3, label_names=["covid", "normal", "pneumonia"]).save_to_disk(str(corpus))
+    with pytest.raises(DataError, match=r"label names \['covid', 'normal', 'pneumonia'\] do not match"):
+        run_main(tiny_args(corpus, tmp_path / "out"))
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+def test_empty_split_fails_before_training(mini_cxr3: Path, tmp_path: Path):
+    dataset = make_dataset_dict(mini_cxr3)
+    dataset["validation"] = dataset["validation"].select([])
+    dataset.save_to_disk(str(tmp_path / "empty-validation"))
+    with pytest.raises(DataError, match="split 'validation' is empty"):
+        run_main(tiny_args(tmp_path / "empty-validation", tmp_path / "out"))
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+def test_missing_split_and_missing_folds_fail(tiny_corpus: Path, tmp_path: Path):
+    with pytest.raises(DataError, match="no split"):
+        run_main(tiny_args(tiny_corpus, tmp_path / "a", "--test_split", "holdout"))
+    with pytest.raises(DataError, match="folds are \\[0, 1\\]"):
+        run_main(tiny_args(tiny_corpus, tmp_path / "b", "--cross_validation", "3"))
+
+
+def test_resume_and_seed_repeatability(tiny_corpus: Path, tmp_path: Path):
+    """4 steps, then resumed to 6, equals 6 straight steps; the same seed twice gives the same weights."""
+    common = ("--bootstrap_samples", "0", "--load_best_model_at_end", "false", "--no_calibrate")
+    run_main(tiny_args(tiny_corpus, tmp_path / "resumed", *common, "--max_steps", "4"))
+    assert (tmp_path / "resumed" / "checkpoint-4").is_dir()
+    run_main(
+        tiny_args(tiny_corpus, tmp_path / "resumed", *common, "--max_steps", "6", "--resume_from_checkpoint", "true")
+    )
+    state = json.loads((tmp_path / "resumed" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    for name in ("straight", "again"):
+        run_main(tiny_args(tiny_corpus, tmp_path / name, *common, "--max_steps", "6"))
+    weights = {
+        name: load_file(tmp_path / name / "final" / "model.safetensors") for name in ("resumed", "straight", "again")
+    }
+    for key, tensor in weights["straight"].items():
+        assert torch.equal(tensor, weights["again"][key]), f"same seed, different {key}"
+        assert torch.allclose(tensor, weights["resumed"][key], atol=1e-6), f"resume changed {key}"
+    run_main(tiny_args(tiny_corpus, tmp_path / "other-seed", *common, "--max_steps", "6", "--seed", "7"))
+    other = load_file(tmp_path / "other-seed" / "final" / "model.safetensors")
+    assert not torch.equal(other["head.classifier.weight"], weights["straight"]["head.classifier.weight"])

@@ -1,0 +1,227 @@
+"""The training input path: decoded, resized uint8 images in memory; batches gathered in one copy; float on the device.
+
+Why this shape (DESIGN.md section 7): on a fast GPU, a Trainer whose collate converts to normalized float on the
+CPU reached only 0.37-0.46x of a plain PyTorch loop; sending uint8 and normalizing on the device reached 0.76x. So:
+- every image is decoded and resized ONCE (the same canonical conversion and antialiased bilinear resize as
+  `CnnLstmImageProcessor`, rounded to uint8) and kept in one `(n, c, h, w)` uint8 array, cached on disk by dataset
+  fingerprint; grayscale radiographs are stored with ONE channel (3x less to copy, pin and transfer);
+- the dataset's `__getitems__` gathers a whole batch with one numpy fancy index (no per-sample tensors to stack);
+- `DeviceBatchTransform` runs on the accelerator: uint8 -> float, the paper's random rotation (training only),
+  channel repeat, normalization with the processor's mean/std, channels-last. `CxrTrainer._prepare_inputs` and
+  the plain loop of `scripts/benchmark_train.py` both call it, so they measure the same work.
+The only difference from the processor's path is the uint8 rounding after the resize (at most 0.5/255).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from modeling_cnn_lstm.image_processing_cnn_lstm import CnnLstmImageProcessor, to_canonical_array
+
+logger = logging.getLogger(__name__)
+CACHE_VERSION = "uint8-v1"
+_LUMINANCE = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601-2, as the processor and PIL
+_RESIZER = CnnLstmImageProcessor()  # only its resize_tensor is used: the processor's exact resize rule
+
+
+def default_cache_dir() -> Path:
+    """`$HF_HOME/cnn_lstm_image_cache` (tests point HF_HOME at a temporary folder)."""
+    hf_home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return Path(hf_home) / "cnn_lstm_image_cache"
+
+
+def decode_resize(image: Any, image_size: int, num_channels: int) -> np.ndarray:
+    """One image (PIL, bytes/path dict, numpy) -> uint8 (c, image_size, image_size), c = 1 for grayscale."""
+    if isinstance(image, dict):  # datasets' undecoded Image: {"bytes": ..., "path": ...}
+        image = Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
+    pixels = to_canonical_array(image)  # float32 HxWxC on the 0..255 scale, C in (1, 3)
+    if num_channels == 1 and pixels.shape[-1] == 3:
+        pixels = (pixels @ _LUMINANCE)[..., None]
+    # HxWxC numpy -> CxHxW tensor
+    tensor = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+    size = {"height": image_size, "width": image_size}
+    tensor = _RESIZER.resize_tensor(tensor, size, "stretch", 0.0)
+    return tensor.round_().clamp_(0, 255).to(torch.uint8).numpy()
+
+
+def _stack(images: list[np.ndarray]) -> np.ndarray:
+    """Stack (c, h, w) images; one channel if all are grayscale, else grayscale ones repeated to 3."""
+    channels = max(image.shape[0] for image in images)
+    return np.stack([np.repeat(image, channels, axis=0) if image.shape[0] != channels else image for image in images])
+
+
+def cache_images(
+    dataset: Any,
+    image_size: int,
+    num_channels: int,
+    image_column: str = "image",
+    cache_dir: str | os.PathLike | None = None,
+    num_workers: int = 4,
+) -> np.ndarray:
+    """Decode + resize every image of a `datasets.Dataset` to uint8 (n, c, h, w), reusing a disk cache if present.
+
+    The cache key is the dataset's fingerprint plus size and channels; the file is written atomically, so that in
+    DDP the main process can build it (under `main_process_first`) and the others read it.
+    """
+    from datasets import Image as ImageFeature
+
+    fingerprint = getattr(dataset, "_fingerprint", None)
+    path = None
+    if cache_dir is not None and fingerprint:
+        key = hashlib.sha256(f"{fingerprint}-{image_size}-{num_channels}-{CACHE_VERSION}".encode()).hexdigest()[:24]
+        path = Path(cache_dir) / f"{key}.npy"
+        if path.is_file():
+            cached = np.load(path)
+            if len(cached) == len(dataset):
+                return cached
+    if len(dataset) == 0:
+        return np.zeros((0, 1, image_size, image_size), dtype=np.uint8)
+    raw = dataset.cast_column(image_column, ImageFeature(decode=False))[image_column]
+    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:  # PIL decode and torch resize drop the GIL
+        images = list(pool.map(lambda item: decode_resize(item, image_size, num_channels), raw))
+    pixels = _stack(images)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, pixels)
+        os.replace(tmp, path)
+    return pixels
+
+
+@dataclass
+class CachedSplit:
+    """One split in memory: uint8 pixels, integer labels, and the text columns the report needs."""
+
+    pixels: np.ndarray  # (n, c, h, w) uint8, c = 1 (grayscale) or num_channels
+    labels: np.ndarray  # (n,) int64
+    columns: dict[str, list[Any]] = field(default_factory=dict)  # e.g. source, patient_id, fold
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> CachedSplit:
+        indices = np.asarray(indices, dtype=np.int64)
+        columns = {name: [values[i] for i in indices] for name, values in self.columns.items()}
+        return CachedSplit(self.pixels[indices], self.labels[indices], columns)
+
+    @staticmethod
+    def concatenate(splits: Sequence[CachedSplit]) -> CachedSplit:
+        channels = max(split.pixels.shape[1] for split in splits)
+        pixels = np.concatenate([np.repeat(s.pixels, channels // s.pixels.shape[1], axis=1) for s in splits])
+        names = set.intersection(*(set(split.columns) for split in splits))
+        columns = {name: [value for split in splits for value in split.columns[name]] for name in sorted(names)}
+        return CachedSplit(pixels, np.concatenate([split.labels for split in splits]), columns)
+
+    def torch_dataset(self) -> UInt8ImageDataset:
+        return UInt8ImageDataset(self.pixels, self.labels)
+
+
+class PreBatched(dict):
+    """A batch already gathered by `UInt8ImageDataset.__getitems__`; `collate_uint8` passes it through."""
+
+
+class UInt8ImageDataset(torch.utils.data.Dataset):
+    """Map-style dataset over in-memory uint8 images; items are {"pixel_values": uint8 (c, h, w), "labels": int}."""
+
+    def __init__(self, pixels: np.ndarray, labels: np.ndarray) -> None:
+        if len(pixels) != len(labels):
+            raise ValueError(f"{len(pixels)} images but {len(labels)} labels")
+        self.pixels, self.labels = pixels, np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"pixel_values": torch.from_numpy(self.pixels[index]), "labels": int(self.labels[index])}
+
+    def __getitems__(self, indices: list[int]) -> list[PreBatched]:
+        """The DataLoader fetcher calls this with a whole batch of indices: one gather instead of n small stacks."""
+        index = np.asarray(indices, dtype=np.int64)
+        pixels = torch.from_numpy(self.pixels[index])
+        return [PreBatched(pixel_values=pixels, labels=torch.from_numpy(self.labels[index]))]
+
+
+def collate_uint8(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Batch uint8 samples, or pass a batch gathered by `__getitems__` through; labels become int64.
+
+    The gathered batch is recognised by its 4-D pixels, not its type: the Trainer's column-removing wrapper
+    (remove_unused_columns=True) rebuilds each feature as a plain dict.
+    """
+    if len(features) == 1 and getattr(features[0].get("pixel_values"), "ndim", 0) == 4:
+        return {"pixel_values": features[0]["pixel_values"], "labels": torch.as_tensor(features[0]["labels"])}
+    pixel_values = torch.stack([torch.as_tensor(feature["pixel_values"]) for feature in features])
+    labels = torch.tensor([int(feature["labels"]) for feature in features], dtype=torch.long)
+    return {"pixel_values": pixel_values, "labels": labels}
+
+
+class DeviceBatchTransform:
+    """uint8 (b, c, h, w) on the device -> normalized float (b, num_channels, h, w), rotated at random in training.
+
+    Rotation: each image by an angle uniform in [-rotation_degrees, rotation_degrees] about its centre, bilinear,
+    edges filled with the nearest border pixel (Keras' ImageDataGenerator(rotation_range=15) default fill).
+    Normalization: (x / 255 - mean) / std with the model config's statistics, exactly as the image processor.
+    """
+
+    def __init__(
+        self,
+        image_mean: Sequence[float],
+        image_std: Sequence[float],
+        num_channels: int,
+        rotation_degrees: float = 0.0,
+        channels_last: bool = False,
+    ) -> None:
+        if rotation_degrees < 0:
+            raise ValueError(f"rotation_degrees must be >= 0, got {rotation_degrees}")
+        mean = torch.tensor(image_mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(image_std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.scale = 1.0 / (255.0 * std)  # x * scale + shift == (x / 255 - mean) / std
+        self.shift = -mean / std
+        self.num_channels = num_channels
+        self.rotation_degrees = float(rotation_degrees)
+        self.channels_last = channels_last
+        self._device_constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._device_constants:
+            self._device_constants[device] = (self.scale.to(device), self.shift.to(device))
+        return self._device_constants[device]
+
+    def rotate(self, images: torch.Tensor) -> torch.Tensor:
+        """Random rotation of a float batch (b, c, h, w), one angle per image, drawn from torch's global RNG."""
+        batch = images.shape[0]
+        limit = math.radians(self.rotation_degrees)
+        angles = (torch.rand(batch, device=images.device) * 2.0 - 1.0) * limit
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        zeros = torch.zeros_like(cos)
+        # (b, 2, 3) affine matrices mapping output to input coordinates in [-1, 1]
+        theta = torch.stack([torch.stack([cos, -sin, zeros], 1), torch.stack([sin, cos, zeros], 1)], 1)
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    def __call__(self, pixel_values: torch.Tensor, train: bool) -> torch.Tensor:
+        if pixel_values.dtype != torch.uint8:
+            raise ValueError(f"DeviceBatchTransform expects uint8 pixel_values, got {pixel_values.dtype}")
+        scale, shift = self._constants(pixel_values.device)
+        images = pixel_values.float()
+        if train and self.rotation_degrees > 0:
+            images = self.rotate(images)  # on the stored channels (usually 1): cheaper than after the repeat
+        if images.shape[1] != self.num_channels:
+            images = images.expand(-1, self.num_channels, -1, -1)
+        images = images * scale + shift
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images

@@ -1,0 +1,43 @@
+"""Train the CNN-LSTM (or its dense-head CNN) with the Hugging Face Trainer; write the report and the Hub folder.
+
+    python train/run.py --config train/configs/paper.json --data_dir ../shared/data/cxr3 --output_dir runs/paper
+    python train/run.py --config train/configs/tiny.json --data_dir CORPUS --output_dir /tmp/tiny   # CPU smoke
+    torchrun --nproc_per_node 2 train/run.py --config ...    # or: accelerate launch train/run.py --config ...
+
+Flags: every field of ModelArguments, DataArguments, EvaluationArguments (train/arguments.py) and
+transformers.TrainingArguments; `--config FILE.json` gives defaults that command-line flags override.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+# `python train/run.py` puts train/ first on sys.path; the project's packages are imported from the repository root.
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _REPO_ROOT / "train"]
+sys.path.insert(0, str(_REPO_ROOT))
+
+import transformers  # noqa: E402
+
+from train.arguments import parse_args  # noqa: E402
+from train.experiment import run  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    model_args, data_args, eval_args, training_args = parse_args(argv)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if training_args.should_log else logging.WARNING,
+        stream=sys.stderr,
+    )
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    final = run(model_args, data_args, eval_args, training_args)
+    if final is not None:
+        logging.getLogger("train.run").info("done: %s", final)
+    return final
+
+
+if __name__ == "__main__":
+    main()
