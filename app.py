@@ -1,0 +1,32 @@
+"""Gradio demo of the CNN-LSTM chest X-ray classifier (research use only, not for diagnosis).
+
+    python app.py [--model PATH_OR_HUB_ID] [--revision REV] [--port N] [--host ADDRESS]
+
+Without --model the app serves $CNN_LSTM_MODEL (+ $CNN_LSTM_REVISION), else checkpoints/cnn-lstm-cxr3. The logic
+lives in modeling_cnn_lstm/demo.py; `demo` is built at import so that Hugging Face Spaces and `gradio app.py` find it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="checkpoint folder or Hub id (default: $CNN_LSTM_MODEL, else the repo's)")
+    parser.add_argument("--revision", help="Hub revision (default: $CNN_LSTM_REVISION)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
+    parser.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1)")
+    return parser.parse_args(argv)
+
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+ARGS = parse_args() if __name__ == "__main__" else None
+
+from modeling_cnn_lstm.demo import build_demo, launch  # noqa: E402 - after argument parsing: --help stays fast
+
+demo = build_demo(model=ARGS.model, revision=ARGS.revision) if ARGS else build_demo()
+
+if __name__ == "__main__":
+    launch(demo, port=ARGS.port, host=ARGS.host)
