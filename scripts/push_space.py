@@ -1,0 +1,103 @@
+"""Assemble the Gradio Space folder and upload it to the Hugging Face Hub.
+
+    python scripts/push_space.py --space_id USER/cnn-lstm-cxr                  # assemble + create + upload
+    python scripts/push_space.py --space_id USER/cnn-lstm-cxr --checkpoint runs/paper/final
+    python scripts/push_space.py --output_dir /tmp/space --dry_run             # assemble only, to inspect
+
+The Space holds exactly what the app needs: app.py, the modeling_cnn_lstm package (model + app modules), the
+example X-rays with their credits, the checkpoint folder if there is one (as checkpoints/cnn-lstm-cxr3, which the app
+serves by default), space/README.md (Space metadata) as README.md and space/requirements.txt. Without a checkpoint
+the Space starts and says that no trained model is installed (or set the Space variable CNN_LSTM_MODEL).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SPACE_CHECKPOINT = Path("checkpoints") / "cnn-lstm-cxr3"
+CHECKPOINT_FILES = ("*.json", "*.safetensors", "*.py", "*.md", "*.txt")  # config, weights, remote code, card
+
+
+@dataclass
+class PushSpaceArguments:
+    space_id: str | None = field(default=None, metadata={"help": "Hub Space id (owner/name); needed unless dry_run."})
+    checkpoint: str = field(
+        default=str(REPO_ROOT / SPACE_CHECKPOINT),
+        metadata={"help": "Checkpoint folder to ship (skipped with a note when it does not exist)."},
+    )
+    output_dir: str | None = field(default=None, metadata={"help": "Assemble here (default: a temporary folder)."})
+    private: bool = field(default=False, metadata={"help": "Create the Space as private."})
+    commit_message: str = field(default="Update the CNN-LSTM chest X-ray demo", metadata={"help": "Commit title."})
+    dry_run: bool = field(default=False, metadata={"help": "Assemble only; do not contact the Hub."})
+
+
+def _copy_files(source: Path, destination: Path, patterns: tuple[str, ...]) -> list[Path]:
+    destination.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for pattern in patterns:
+        for path in sorted(source.glob(pattern)):
+            if path.is_file() and not path.name.startswith("."):
+                shutil.copy2(path, destination / path.name)
+                copied.append(destination / path.name)
+    return copied
+
+
+def assemble_space(destination: Path, checkpoint: Path | None) -> list[str]:
+    """Copy the Space's files into `destination` (emptied first); returns their paths relative to it."""
+    if destination.exists():
+        shutil.rmtree(destination)
+    destination.mkdir(parents=True)
+    shutil.copy2(REPO_ROOT / "app.py", destination / "app.py")
+    shutil.copy2(REPO_ROOT / "space" / "README.md", destination / "README.md")
+    shutil.copy2(REPO_ROOT / "space" / "requirements.txt", destination / "requirements.txt")
+    _copy_files(REPO_ROOT / "modeling_cnn_lstm", destination / "modeling_cnn_lstm", ("*.py",))
+    _copy_files(REPO_ROOT / "examples", destination / "examples", ("*.jpg", "*.png", "*.dcm", "CREDITS.md"))
+    if checkpoint is not None:
+        if not (checkpoint / "config.json").is_file():
+            raise SystemExit(f"{checkpoint} is not a checkpoint folder (no config.json)")
+        _copy_files(checkpoint, destination / SPACE_CHECKPOINT, CHECKPOINT_FILES)
+    return sorted(str(path.relative_to(destination)) for path in destination.rglob("*") if path.is_file())
+
+
+def push_space(folder: Path, space_id: str, private: bool, commit_message: str) -> str:
+    """Create the Space if needed (sdk gradio) and upload the folder as one commit; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
+    info = api.upload_folder(
+        repo_id=space_id, repo_type="space", folder_path=folder, commit_message=commit_message
+    )
+    return info.commit_url
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(PushSpaceArguments).parse_args_into_dataclasses(args=argv)
+    if args.space_id is None and not args.dry_run:
+        print("--space_id is required (or --dry_run to only assemble)", file=sys.stderr)
+        return 2
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_dir():
+        print(f"note: no checkpoint at {checkpoint}; the Space will say that no trained model is installed")
+        checkpoint = None
+    with tempfile.TemporaryDirectory(prefix="cnn-lstm-space-") as tmp:
+        folder = Path(args.output_dir) if args.output_dir else Path(tmp) / "space"
+        files = assemble_space(folder, checkpoint)
+        print(f"assembled {len(files)} files in {folder}")
+        if args.dry_run:
+            print("\n".join(files))
+            return 0
+        url = push_space(folder, args.space_id, args.private, args.commit_message)
+        print(f"pushed: {url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
