@@ -84,6 +84,36 @@ def test_space_with_checkpoint_runs_on_its_own(hub_standin, tmp_path):
     assert "LABELS ['COVID-19', 'Normal', 'Pneumonia']" in out
 
 
+def test_app_serves_a_hub_model_at_a_revision(hub_standin, tmp_path):
+    """`CNN_LSTM_MODEL` + `CNN_LSTM_REVISION` (what --model/--revision set): the app loads a pushed checkpoint."""
+    make_checkpoint(tmp_path / "final")
+    code = textwrap.dedent(
+        f"""
+        from huggingface_hub import HfApi
+        api = HfApi()
+        api.create_repo("standin-user/tiny-cxr")
+        info = api.upload_folder(repo_id="standin-user/tiny-cxr", folder_path={str(tmp_path / "final")!r})
+        print("COMMIT", info.oid)
+        """
+    )
+    env = hub_env(hub_standin.endpoint, tmp_path / "push-home")
+    commit = run_python(code, env, cwd=tmp_path).split("COMMIT ")[1].split()[0]
+    env = {**hub_env(hub_standin.endpoint, tmp_path / "app-home"), "CNN_LSTM_MODEL": "standin-user/tiny-cxr",
+           "CNN_LSTM_REVISION": commit}
+    example = REPO_ROOT / "examples" / "pneumonia-nih-7c0a0dd59f27.jpg"
+    out = run_python(
+        "from modeling_cnn_lstm.demo import CxrDemo\n"
+        "app = CxrDemo.from_source()\n"
+        "print('STATUS', app.status)\n"
+        f"print('LABELS', sorted(app.predict({str(example)!r})[0]))\n",
+        env,
+        cwd=REPO_ROOT,
+    )
+    assert f"STATUS Model: `standin-user/tiny-cxr at revision {commit}`" in out
+    assert "LABELS ['COVID-19', 'Normal', 'Pneumonia']" in out
+    assert hub_standin.unknown_requests == []
+
+
 def test_dry_run_needs_no_hub(tmp_path):
     completed = subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "push_space.py"), "--dry_run", "--output_dir",
