@@ -25,7 +25,7 @@ from PIL import Image
 from . import guardrails
 from .image_processing_cnn_lstm import CnnLstmImageProcessor
 from .io_cxr import ACCEPTED_SUFFIXES, InputError, LoadedImage, read_upload
-from .saliency import GRAD_CAM, METHODS, Explainer, SaliencySettings, render_overlay
+from .saliency import GRAD_CAM, INTEGRATED_GRADIENTS, METHODS, OCCLUSION, Explainer, SaliencySettings, render_overlay
 
 logger = logging.getLogger(__name__)
 
@@ -243,11 +243,16 @@ class CxrDemo:
                 "saturated model), so the image is shown without an overlay."
             )
         else:
-            note = f"{method} for **{label}**: red areas raised the model's score for {label} most, blue ones least."
-            if method == GRAD_CAM:
-                config = classifier.model.config
-                cell = config.image_size // max(1, config.feature_map_size)
-                note += f" Grad-CAM is coarse (one value per {cell}x{cell}-pixel cell of the model's input)."
+            config = classifier.model.config
+            cell = config.image_size // max(1, config.feature_map_size)
+            meaning = {
+                GRAD_CAM: f"red areas hold the features that raised the score for {label} most (coarse: one value "
+                f"per {cell}x{cell}-pixel cell of the model's input)",
+                INTEGRATED_GRADIENTS: f"red pixels changed the score for {label} most, up or down, on the way from "
+                "a black image",
+                OCCLUSION: f"hiding the red areas lowered the probability of {label} most",
+            }[method]
+            note = f"{method} for **{label}**: {meaning}; uncoloured areas mattered little."
         return overlay, note + " A saliency map shows what the model used, not where disease is."
 
 
