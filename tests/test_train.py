@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,9 @@ import torch
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
-from train_helpers import LABEL_NAMES, make_dataset_dict, mini_cxr3_fixture, run_main, tiny_args, tiny_corpus_fixture  # noqa: F401  (fixtures)
+from train_helpers import LABEL_NAMES, REPO_ROOT, make_dataset_dict, run_main, tiny_args
+from train_helpers import mini_cxr3_fixture as mini_cxr3_fixture  # fixture
+from train_helpers import tiny_corpus_fixture as tiny_corpus_fixture  # fixture
 
 from train.data import DataError
 
@@ -184,3 +188,68 @@ def test_resume_and_seed_repeatability(tiny_corpus: Path, tmp_path: Path):
     run_main(tiny_args(tiny_corpus, tmp_path / "other-seed", *common, "--max_steps", "6", "--seed", "7"))
     other = load_file(tmp_path / "other-seed" / "final" / "model.safetensors")
     assert not torch.equal(other["head.classifier.weight"], weights["straight"]["head.classifier.weight"])
+
+
+def load_evaluate_script():
+    """scripts/evaluate.py as a module (its file name would shadow the `evaluate` library as a plain import)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_checkpoint_script", REPO_ROOT / "scripts" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_evaluate_script_on_a_cxr3_folder_prints_one_json_object(tiny_run: Path, mini_cxr3: Path, tmp_path: Path):
+    command = [
+        sys.executable,
+        "scripts/evaluate.py",
+        "--model",
+        str(tiny_run / "final"),
+        "--data_dir",
+        str(mini_cxr3),
+        "--output_dir",
+        str(tmp_path / "eval"),
+        "--bootstrap_samples",
+        "20",
+    ]
+    proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(proc.stdout)  # the whole of stdout is one JSON object
+    assert summary["num_samples"] == 72  # every image of the folder, none deduplicated or split off
+    for key in ("accuracy", "macro_f1", "macro_auc", "ece", "ece_uncalibrated"):
+        assert_fraction(summary[key])
+    assert set(summary["per_class"]) == set(LABEL_NAMES) and summary["per_source"]
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert report["metrics"]["accuracy"] == summary["accuracy"]
+    for name in ("confusion_matrix", "roc_curves", "per_class_metrics", "reliability_diagram"):
+        with Image.open(tmp_path / "eval" / f"{name}.png") as image:
+            image.verify()
+
+
+def test_evaluate_script_on_the_built_test_split(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    script = load_evaluate_script()
+    arguments = ["--model", str(tiny_run / "final"), "--data_dir", str(tiny_run / "corpus"), "--output_dir"]
+    summary = script.main([*arguments, str(tmp_path / "eval"), "--cpu_inference_backend", "torch"])
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(summary))
+    training_report = json.loads((tiny_run / "final" / "report" / "metrics.json").read_text())
+    assert summary["num_samples"] == training_report["num_samples"]
+    # the processor's float path vs. the training cache's uint8 path: at most a borderline image may flip
+    assert abs(summary["accuracy"] - training_report["metrics"]["accuracy"]) <= 1 / summary["num_samples"] + 1e-9
+    assert summary["temperature"] == pytest.approx(training_report["calibration"]["temperature"])
+
+
+@pytest.mark.slow
+def test_paper_config_trains_one_step_on_cpu(tiny_corpus: Path, tmp_path: Path):
+    """train/configs/paper.json as committed (224 px, 17.8 M parameters), with only the CPU switches changed."""
+    cpu = ["--use_cpu", "--bf16", "false", "--tf32", "false", "--torch_compile", "false"]
+    workers = ["--dataloader_num_workers", "0", "--dataloader_persistent_workers", "false"]
+    limits = ["--max_steps", "1", "--max_train_samples", "4", "--max_eval_samples", "4", "--bootstrap_samples", "10"]
+    config = str(REPO_ROOT / "train" / "configs" / "paper.json")
+    argv = ["--config", config, *cpu, *workers, *limits, "--per_device_train_batch_size", "2"]
+    final = run_main([*argv, "--data_dir", str(tiny_corpus), "--output_dir", str(tmp_path / "paper")])
+    config = json.loads((final / "config.json").read_text())
+    assert config["block_widths"] == [[64, 64], [128, 128], [256, 256], [512, 512, 512], [512, 512, 512]]
+    assert config["use_batch_norm"] and config["head_type"] == "lstm" and config["image_size"] == 224
+    assert "{{" not in (final / "README.md").read_text()
