@@ -216,7 +216,7 @@ class CxrDemo:
         details = f"{image.kind}, {image.width}x{image.height} px"
         if image.notes:
             details += "; " + "; ".join(image.notes)
-        lines += [f"Input: {details}.", "", "_Research use only — not for diagnosis._"]
+        lines += ["", f"Input: {details}.", "", "_Research use only — not for diagnosis._"]  # "" ends the list
         return scores, "\n".join(lines)
 
     def explain(
