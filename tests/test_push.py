@@ -15,22 +15,30 @@ from pathlib import Path
 import pytest
 from hub_standin import HubStandIn, hub_env, run_python
 from hub_standin import hub_standin_fixture as hub_standin_fixture  # fixture
-from train_helpers import REPO_ROOT, tiny_args
+from train_helpers import REPO_ROOT, TINY_CONFIG
 from train_helpers import mini_cxr3_fixture as mini_cxr3_fixture  # fixture
 from train_helpers import tiny_corpus_fixture as tiny_corpus_fixture  # fixture
 
 MODEL_ID = "standin-user/cnn-lstm-tiny"
 METRIC_ID = "standin-user/cxr_metrics"
+DATA_ID = "standin-user/tiny-cxr"
 
 
 @pytest.mark.slow
 def test_push_round_trip(hub_standin: HubStandIn, tiny_corpus: Path, tmp_path: Path):
+    """Dataset from the Hub (--dataset_name) -> train -> model, card, plots and metric module to the Hub -> load."""
     env = hub_env(hub_standin.endpoint, tmp_path / "hf-home")
+    run_python(
+        f"from datasets import load_from_disk; load_from_disk({str(tiny_corpus)!r}).push_to_hub({DATA_ID!r})", env
+    )
     output_dir = tmp_path / "run"
+    data = ["--config", str(TINY_CONFIG), "--dataset_name", DATA_ID, "--output_dir", str(output_dir)]
     command = [
         sys.executable,
         "train/run.py",
-        *tiny_args(tiny_corpus, output_dir, "--bootstrap_samples", "20"),
+        *data,
+        "--bootstrap_samples",
+        "20",
         "--push_to_hub",
         "--hub_model_id",
         MODEL_ID,
@@ -80,4 +88,6 @@ def test_push_round_trip(hub_standin: HubStandIn, tiny_corpus: Path, tmp_path: P
     assert result["temperature"] == pytest.approx(config["calibration_temperature"])
     assert result["labels"] == config["id2label"]
     assert result["accuracy"] == pytest.approx(0.5)
+    card = (final / "README.md").read_text()
+    assert f'datasets: ["{DATA_ID}"]' in card  # the Hub dataset is named in the card's metadata
     assert not hub_standin.unknown_requests, hub_standin.unknown_requests

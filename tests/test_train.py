@@ -126,7 +126,8 @@ def test_checkpoint_loads_and_predicts_through_pipeline(tiny_run: Path, mini_cxr
 
 def test_cross_validation_on_folds(tiny_corpus: Path, tmp_path: Path):
     output_dir = tmp_path / "cv"
-    final = run_main(tiny_args(tiny_corpus, output_dir, "--cross_validation", "2", "--max_steps", "2"))
+    half = ("--save_dtype", "float16", "--max_shard_size", "20KB")  # as issue 6 ships: small fp16 shards
+    final = run_main(tiny_args(tiny_corpus, output_dir, "--cross_validation", "2", "--max_steps", "2", *half))
     cv = json.loads((output_dir / "cv_results.json").read_text())
     assert [fold["fold"] for fold in cv["folds"]] == [0, 1]
     for key in ("accuracy", "macro_f1", "macro_auc"):
@@ -141,6 +142,14 @@ def test_cross_validation_on_folds(tiny_corpus: Path, tmp_path: Path):
     assert report["cross_validation"]["k"] == 2
     text = (final / "README.md").read_text()
     assert "2-fold cross-validation" in text and "+-" in text and "{{" not in text
+    shards = sorted(final.glob("model-*.safetensors"))
+    dtypes = {tensor.dtype for shard in shards for tensor in load_file(shard).values() if tensor.is_floating_point()}
+    assert len(shards) > 1 and dtypes == {torch.float16}
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(final, trust_remote_code=True)
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
+    assert model.config.calibration_temperature == pytest.approx(report["calibration"]["temperature"])
 
 
 def test_label_mismatch_fails_before_training(mini_cxr3: Path, tmp_path: Path):

@@ -30,7 +30,8 @@ def test_paper_configs_parse_with_cli_overrides():
     assert training_args.num_train_epochs == 125 and training_args.per_device_train_batch_size == 64
     assert str(getattr(training_args.optim, "value", training_args.optim)) == "rmsprop"
     assert training_args.metric_for_best_model == "macro_f1" and training_args.load_best_model_at_end
-    assert model_args.head_type == "lstm" and model_args.use_batch_norm and data_args.rotation_degrees == 15
+    assert model_args.head_type == "lstm" and model_args.use_batch_norm and model_args.block_dropout == 0.0
+    assert data_args.rotation_degrees == 15
     assert model_args.build_config().block_widths == CnnLstmConfig().block_widths
     assert eval_args.early_stopping_patience == 25
     cnn_args = parse_args(["--config", str(CONFIGS / "paper_cnn.json"), *CPU])[0]

@@ -38,6 +38,9 @@ class ModelArguments:
     lstm_bidirectional: bool = field(default=False, metadata={"help": "Bidirectional LSTM."})
     fc_size: int = field(default=64, metadata={"help": "Width of the dense layer before the classifier."})
     channels_last: bool = field(default=False, metadata={"help": "channels_last weights and inputs (GPU speed)."})
+    cudnn_benchmark: bool = field(
+        default=False, metadata={"help": "Let cuDNN pick the fastest conv algorithms (fixed input size; CUDA only)."}
+    )
     save_dtype: str = field(
         default="float32", metadata={"help": f"dtype of the saved safetensors, one of {SAVE_DTYPES}; loads as fp32."}
     )

@@ -116,7 +116,9 @@ def cross_validate(ctx: RunContext) -> Path | None:
     model, backend = prepare_model(ctx)
     trainer, stats = fit(ctx, model, args, pooled, None)
     test_logits = predict_logits(trainer, ctx.splits["test"])
-    temperature = fit_temperature(out_of_fold, pooled.labels) if ctx.eval_args.calibrate else 1.0
+    temperature, fitted_on = 1.0, "none (calibration off)"
+    if ctx.eval_args.calibrate:
+        temperature, fitted_on = fit_temperature(out_of_fold, pooled.labels), "out-of-fold cross-validation"
     if not trainer.is_world_process_zero():
         return None
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -127,4 +129,4 @@ def cross_validate(ctx: RunContext) -> Path | None:
     info = run_info(ctx, model, stats, protocol, args)
     histories = {f"fold {result['fold']}": result["log_history"] for result in results}
     histories["final"] = trainer.state.log_history
-    return finalize(ctx, model, backend, temperature, "out-of-fold cross-validation", test_logits, histories, info, cv)
+    return finalize(ctx, model, backend, temperature, fitted_on, test_logits, histories, info, cv)

@@ -142,6 +142,8 @@ def prepare_model(ctx: RunContext) -> tuple[CnnLstmForImageClassification, str]:
     model.config.cpu_inference_backend = "torch"  # no ONNX/bf16 export on each CPU evaluation while weights change
     if ctx.model_args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if ctx.model_args.cudnn_benchmark and torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
     return model, backend
 
 
@@ -313,15 +315,15 @@ def single_run(ctx: RunContext) -> Path | None:
     trainer, stats = fit(ctx, model, ctx.training_args, ctx.splits["train"], ctx.splits["validation"])
     validation_logits = predict_logits(trainer, ctx.splits["validation"])
     test_logits = predict_logits(trainer, ctx.splits["test"])
-    temperature = 1.0
+    temperature, fitted_on = 1.0, "none (calibration off)"
     if ctx.eval_args.calibrate:
-        temperature = fit_temperature(validation_logits, ctx.splits["validation"].labels)
+        temperature, fitted_on = fit_temperature(validation_logits, ctx.splits["validation"].labels), "validation"
     if not trainer.is_world_process_zero():
         return None
     model = trainer.accelerator.unwrap_model(trainer.model)
     info = run_info(ctx, model, stats, "single patient-disjoint train/validation/test split")
     histories = {"training": trainer.state.log_history}
-    return finalize(ctx, model, backend, temperature, "validation", test_logits, histories, info)
+    return finalize(ctx, model, backend, temperature, fitted_on, test_logits, histories, info)
 
 
 def run(

@@ -89,7 +89,7 @@ def push_metric(repo_id: str, token: str | None = None, private: bool | None = N
 
     def fill(tmp: Path) -> None:
         for path in METRIC_DIR.iterdir():
-            if path.is_file() and path.suffix in (".py", ".md", ".txt"):
+            if path.is_file() and path.suffix in (".py", ".md", ".txt") and path.name != "__init__.py":
                 target = script_name if path.name == "cxr_metrics.py" else path.name
                 shutil.copyfile(path, tmp / target)
         app = tmp / "app.py"

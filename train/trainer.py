@@ -92,7 +92,7 @@ class CxrTrainer(Trainer):
         self.batch_transform = batch_transform
         self.model_accepts_loss_kwargs = False
         self._train_correct: torch.Tensor | None = None
-        self._train_seen: torch.Tensor | None = None
+        self._train_seen = 0
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         inputs = super()._prepare_inputs(inputs)
@@ -112,23 +112,21 @@ class CxrTrainer(Trainer):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training and labels is not None:
             logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
-            correct = (logits.detach().argmax(dim=-1) == labels).sum()
-            seen = torch.tensor(labels.numel(), device=correct.device)
-            if self._train_correct is None:
-                self._train_correct, self._train_seen = correct, seen
-            else:
-                self._train_correct, self._train_seen = self._train_correct + correct, self._train_seen + seen
+            correct = (logits.detach().argmax(dim=-1) == labels).sum()  # stays on the device: no sync
+            self._train_correct = correct if self._train_correct is None else self._train_correct + correct
+            self._train_seen += labels.numel()  # known on the host: no host-to-device copy per step
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds `train_accuracy` (since the previous training log, all processes) to the Trainer's loss logs."""
-        if "loss" in logs and self._train_seen is not None:
-            counts = torch.stack([self._train_correct, self._train_seen]).float()
+        if "loss" in logs and self._train_correct is not None:
+            seen = torch.tensor(float(self._train_seen), device=self._train_correct.device)  # once per log only
+            counts = torch.stack([self._train_correct.float(), seen])
             if self.args.world_size > 1:
                 counts = self.accelerator.reduce(counts, reduction="sum")
             correct, seen = counts.tolist()
             logs["train_accuracy"] = correct / seen if seen else math.nan
-            self._train_correct = self._train_seen = None
+            self._train_correct, self._train_seen = None, 0
         super().log(logs, start_time)
 
 
