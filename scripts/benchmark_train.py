@@ -51,6 +51,7 @@ class BenchmarkArguments:
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cuda or cpu."})
     order: str = field(default="plain,trainer", metadata={"help": "Which path runs first."})
     seed: int = field(default=0, metadata={"help": "Seed."})
+    output_json: str | None = field(default=None, metadata={"help": "Also write the summary to this JSON file."})
 
 
 def model_config(args: BenchmarkArguments) -> CnnLstmConfig:
@@ -213,6 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"transformers.Trainer: {results['trainer']:.1f} images/s")
     print(f"ratio Trainer / plain: {summary['ratio']:.3f}")
     print(json.dumps(summary))
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -44,9 +44,10 @@ def check_output(stdout: str, summary: dict) -> None:
     assert summary["parameters"] == 12915 and summary["batch_size"] == 8
 
 
-def test_benchmark_fp32_on_cpu():
-    stdout, summary = run_benchmark("--steps", "4", "--warmup_steps", "2")
+def test_benchmark_fp32_on_cpu(tmp_path):
+    stdout, summary = run_benchmark("--steps", "4", "--warmup_steps", "2", "--output_json", str(tmp_path / "b.json"))
     check_output(stdout, summary)
+    assert json.loads((tmp_path / "b.json").read_text()) == summary
     assert (summary["bf16"], summary["channels_last"], summary["torch_compile"]) == (False, False, False)
 
 
