@@ -45,7 +45,7 @@ class EvaluateArguments:
     cpu_inference_backend: str | None = field(
         default=None, metadata={"help": "Override the checkpoint's CPU backend (torch = exact fp32 PyTorch)."}
     )
-    bootstrap_samples: int = field(default=1000, metadata={"help": "Bootstrap resamples for the 95% intervals."})
+    bootstrap_samples: int = field(default=1000, metadata={"help": "Bootstrap resamples for the 95%% intervals."})
     ece_bins: int = field(default=15, metadata={"help": "Equal-width confidence bins of the ECE."})
     seed: int = field(default=0, metadata={"help": "Seed of the bootstrap."})
 

@@ -139,3 +139,19 @@ def test_atomic_folder_keeps_the_old_folder_on_failure(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
     atomic_folder(destination, lambda folder: (folder / "b.txt").write_text("second"))
     assert sorted(p.name for p in destination.iterdir()) == ["b.txt"]
+
+
+@pytest.mark.parametrize("script", ["train/run.py", "scripts/evaluate.py", "scripts/benchmark_train.py"])
+def test_help_of_every_entry_point(script: str, capsys: pytest.CaptureFixture):
+    """argparse formats every help string (a stray % would only fail here)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"entry_{Path(script).stem}", REPO_ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--" in capsys.readouterr().out

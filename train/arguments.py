@@ -114,7 +114,7 @@ class EvaluationArguments:
     early_stopping_patience: int | None = field(
         default=None, metadata={"help": "Stop after this many evaluations without improvement (recorded)."}
     )
-    bootstrap_samples: int = field(default=1000, metadata={"help": "Bootstrap resamples for the 95% intervals."})
+    bootstrap_samples: int = field(default=1000, metadata={"help": "Bootstrap resamples for the 95%% intervals."})
     ece_bins: int = field(default=15, metadata={"help": "Equal-width confidence bins of the ECE."})
     final_model_dir: str | None = field(
         default=None, metadata={"help": "The Hub-ready model folder (default: <output_dir>/final)."}
