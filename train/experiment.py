@@ -217,7 +217,10 @@ def run_info(
     )
     batch = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
     precision = "bf16 autocast" if args.bf16 else "fp16 autocast" if args.fp16 else "fp32"
-    counts = ", ".join(f"{name}: {sum(c.values())} ({c})" for name, c in ctx.data_info["class_counts"].items())
+    counts = "; ".join(
+        f"{name} {sum(c.values())} (" + ", ".join(f"{label} {count}" for label, count in c.items()) + ")"
+        for name, c in ctx.data_info["class_counts"].items()
+    )
     sources = ", ".join(f"{name} ({count})" for name, count in sorted(ctx.data_info["sources"].items()))
     lines = [
         f"- Protocol: {protocol}.",
