@@ -343,5 +343,16 @@ def run(
     if eval_args.cross_validation:
         from train.cv import cross_validate
 
-        return cross_validate(ctx)
-    return single_run(ctx)
+        final = cross_validate(ctx)
+    else:
+        final = single_run(ctx)
+    shutdown_distributed()
+    return final
+
+
+def shutdown_distributed() -> None:
+    """Under torchrun/accelerate: wait until the main process has written (and pushed) the final folder, then
+    tear the process group down in order; a rank that exits early can otherwise abort in gloo's destructor."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
