@@ -15,10 +15,10 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import torch
+from model_testkit import save_tiny_checkpoint
 from PIL import Image, ImageDraw, ImageFilter
 
-from modeling_cnn_lstm import CnnLstmConfig, CnnLstmForImageClassification, CnnLstmImageProcessor
+from modeling_cnn_lstm import CnnLstmForImageClassification
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["COVID-19", "Normal", "Pneumonia"]
@@ -27,19 +27,7 @@ LABELS = ["COVID-19", "Normal", "Pneumonia"]
 # -- checkpoints ---------------------------------------------------------------------------------------------------
 def make_checkpoint(folder: Path, **overrides: object) -> CnnLstmForImageClassification:
     """A 32x32, two-block CNN-LSTM with seeded, fan-in-scaled weights (non-trivial outputs), saved with processor."""
-    settings = {"block_widths": [[8], [16, 16]], "image_size": 32, "lstm_hidden_size": 12, "fc_size": 10}
-    settings.update(overrides)
-    config = CnnLstmConfig(**settings)
-    model = CnnLstmForImageClassification(config).eval()
-    generator = torch.Generator().manual_seed(20200627)
-    with torch.no_grad():
-        for _, tensor in sorted(model.state_dict().items()):
-            if tensor.is_floating_point():
-                fan_in = tensor[0].numel() if tensor.ndim > 1 else tensor.numel()
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 2.0 / fan_in**0.5)
-    model.save_pretrained(folder)
-    CnnLstmImageProcessor.from_model_config(config).save_pretrained(folder)
-    return model
+    return save_tiny_checkpoint(folder, scale=2.0, **overrides)
 
 
 # -- files ---------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from model_testkit import save_tiny_checkpoint, seeded_model, tiny_config
 from PIL import Image
 
 from modeling_cnn_lstm import CnnLstmConfig, CnnLstmForImageClassification, CnnLstmImageProcessor, CnnLstmModel
@@ -19,23 +20,8 @@ from modeling_cnn_lstm import CnnLstmConfig, CnnLstmForImageClassification, CnnL
 LABELS = ["COVID-19", "Normal", "Pneumonia"]
 
 
-def tiny_config(**overrides) -> CnnLstmConfig:
-    """32x32 inputs, two blocks of widths 8 and 16: a 8x8x16 map read as a 64-step sequence."""
-    settings = {"block_widths": [[8], [16, 16]], "image_size": 32, "lstm_hidden_size": 12, "fc_size": 10}
-    settings.update(overrides)
-    return CnnLstmConfig(**settings)
-
-
 def deterministic_model(config: CnnLstmConfig) -> CnnLstmForImageClassification:
-    """Weights from a private seeded generator scaled by fan-in: independent of init code and global RNG state."""
-    model = CnnLstmForImageClassification(config).eval()
-    generator = torch.Generator().manual_seed(20200627)
-    with torch.no_grad():
-        for _, tensor in sorted(model.state_dict().items()):
-            if tensor.is_floating_point():
-                fan_in = tensor[0].numel() if tensor.ndim > 1 else tensor.numel()
-                tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=torch.float64) / fan_in**0.5)
-    return model
+    return seeded_model(config)
 
 
 def fixed_input(config: CnnLstmConfig, batch: int = 2) -> torch.Tensor:
@@ -306,14 +292,6 @@ class TestTimmBackbone:
         with torch.enable_grad():
             assert model(torch.zeros(2, 3, 64, 64)).logits.shape == (2, 3)
         assert config.backbone_pretrained is False
-
-
-def save_tiny_checkpoint(folder: Path) -> CnnLstmForImageClassification:
-    config = tiny_config()
-    model = deterministic_model(config)
-    model.save_pretrained(folder)
-    CnnLstmImageProcessor.from_model_config(config).save_pretrained(folder)
-    return model
 
 
 class TestSaveLoad:

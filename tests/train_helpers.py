@@ -54,7 +54,9 @@ def make_mini_cxr3(source: Path, destination: Path, per_label: int = 24) -> Path
 
 def make_dataset_dict(folder: Path, label_names: list[str] | None = None, num_folds: int = 2) -> Any:
     """Patient-grouped train (folds 1..k-1) / validation (fold 0) / test DatasetDict with the builder's features."""
-    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+    from datasets import ClassLabel, Dataset, DatasetDict
+
+    from train.corpus import corpus_features
 
     with open(folder / "metadata.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
@@ -64,18 +66,9 @@ def make_dataset_dict(folder: Path, label_names: list[str] | None = None, num_fo
     # round-robin over patients sorted by label: every split and fold gets every class
     ordered = sorted(patients, key=lambda p: (FOLDER_LABELS[patients[p][0]["label"]], p))
     assignment = {patient: index % (num_folds + 1) - 1 for index, patient in enumerate(ordered)}  # -1 = test
-    features = Features(
-        {
-            "image": Image(),
-            "label": ClassLabel(names=label_names or LABEL_NAMES),
-            "patient_id": Value("string"),
-            "source": Value("string"),
-            "original_finding": Value("string"),
-            "view": Value("string"),
-            "sha256": Value("string"),
-            "fold": Value("int32"),
-        }
-    )
+    features = corpus_features()
+    if label_names is not None:  # a corpus whose label names differ from the model's, for the mismatch checks
+        features["label"] = ClassLabel(names=label_names)
     splits: dict[str, dict[str, list]] = {name: defaultdict(list) for name in ("train", "validation", "test")}
     for row in rows:
         fold = assignment[row["patient_group"]]
