@@ -90,8 +90,40 @@ def card_context(report: dict[str, Any], info: dict[str, Any], report_folder: st
         "per_source_table": per_source_table(report),
         "plots_markdown": plots,
         "calibration_fitted_on": report["calibration"]["fitted_on"],
+        "shortcut_audit_section": shortcut_audit_section(report.get("shortcut_audit")),
+        "leaky_protocol_row": leaky_protocol_row(report.get("leaky_protocol")),
     }
     return {key: str(value) for key, value in context.items()}
+
+
+def shortcut_audit_section(audit: dict[str, Any] | None) -> str:
+    """The `scripts/shortcut_audit.py` result as a table, or a line saying it was not run."""
+    if not audit:
+        return (
+            "Not run for this checkpoint. `python scripts/shortcut_audit.py --model FOLDER --data_dir CORPUS` "
+            "evaluates the test images as they are, with the lung fields masked and with only the lung fields "
+            "visible."
+        )
+    names = audit["label_names"]
+    lines = [
+        f"{audit['num_samples']} `{audit['split']}` images. {audit['mask']}",
+        "",
+        "| Condition | Accuracy | Macro F1 | " + " | ".join(f"Sensitivity {name}" for name in names) + " |",
+        "|---|---|---|" + "---|" * len(names),
+    ]
+    for condition, values in audit["conditions"].items():
+        cells = " | ".join(percent(values["sensitivity"][name]) for name in names)
+        lines.append(f"| {condition} | {percent(values['accuracy'])} | {percent(values['macro_f1'])} | {cells} |")
+    return "\n".join([*lines, "", audit["interpretation"]])
+
+
+def leaky_protocol_row(metrics: dict[str, Any] | None) -> str:
+    """A comparison-table row: the same network trained and tested on the paper's leaky image-level split."""
+    label = "Same network, the paper's leaky image-level split (`--protocol paper`)"
+    if not metrics:
+        return f"| {label} | not run | not run | not run | not run | not run |"
+    keys = ("accuracy", "macro_auc", "macro_specificity", "macro_sensitivity", "macro_f1")
+    return f"| {label} | " + " | ".join(percent(metrics.get(key)) for key in keys) + " |"
 
 
 def write_model_card(

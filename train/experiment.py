@@ -286,6 +286,7 @@ def finalize(
     def fill(folder: Path) -> None:
         save_model_files(model, folder, ctx.model_args.save_dtype, ctx.model_args.max_shard_size, backend)
         extra = {"run": {k: info[k] for k in ("world_size", "stats", "training_summary")}, "cross_validation": cv}
+        extra["card_info"] = info  # lets scripts/update_card.py re-render the card with later results (CV, audit)
         report = write_report(
             folder / "report",
             test_logits,

@@ -244,6 +244,8 @@ def cv_table(cv: dict[str, Any] | None) -> str:
         scale = (lambda v: f"{v:.3f}") if key == "ece" else percent
         cells = " | ".join(scale(fold["metrics"].get(key)) for fold in folds)
         lines.append(f"| {key} | {cells} | {scale(summary['mean'])} +- {scale(summary['std'])} |")
+    if cv.get("note"):
+        lines += ["", str(cv["note"])]
     return "\n".join(lines)
 
 

@@ -1,0 +1,68 @@
+"""Re-render a final model folder's README.md (model card) with results that came after training.
+
+    python scripts/update_card.py --model_dir checkpoints/cnn-lstm-cxr3 \
+        --cv_results runs/cv/cv_results.json --shortcut_audit audit/shortcut_audit.json \
+        --leaky_metrics runs/leaky/final/report/metrics.json
+
+Each given result is stored in the folder's `report/metrics.json` (keys `cross_validation`, `shortcut_audit`,
+`leaky_protocol`) and the card is rendered again from the repository's `model_card.md`; results not given keep
+their stored value, and a result never run renders as "not run".
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# scripts/evaluate.py would shadow the `evaluate` library: drop this folder from sys.path, add the repository root.
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _REPO_ROOT / "scripts"]
+sys.path.insert(0, str(_REPO_ROOT))
+
+from transformers import HfArgumentParser  # noqa: E402
+
+from train.card import write_model_card  # noqa: E402
+
+
+@dataclass
+class UpdateCardArguments:
+    model_dir: str = field(metadata={"help": "Final model folder written by train/run.py (report/metrics.json)."})
+    cv_results: str | None = field(default=None, metadata={"help": "cv_results.json of a --cross_validation run."})
+    cv_note: str | None = field(default=None, metadata={"help": "A sentence shown under the CV table."})
+    shortcut_audit: str | None = field(default=None, metadata={"help": "shortcut_audit.json of the same model."})
+    leaky_metrics: str | None = field(
+        default=None, metadata={"help": "report/metrics.json of the same network on the --protocol paper split."}
+    )
+    model_card_template: str | None = field(default=None, metadata={"help": "Template (default: model_card.md)."})
+
+
+def update_card(args: UpdateCardArguments) -> Path:
+    folder = Path(args.model_dir)
+    metrics_path = folder / "report" / "metrics.json"
+    report = json.loads(metrics_path.read_text())
+    if "card_info" not in report:
+        raise SystemExit(f"{metrics_path} has no card_info (written by an older train/run.py); retrain to update")
+    if args.cv_results:
+        report["cross_validation"] = json.loads(Path(args.cv_results).read_text())
+    if args.cv_note and report.get("cross_validation"):
+        report["cross_validation"]["note"] = args.cv_note
+    if args.shortcut_audit:
+        report["shortcut_audit"] = json.loads(Path(args.shortcut_audit).read_text())
+    if args.leaky_metrics:
+        report["leaky_protocol"] = json.loads(Path(args.leaky_metrics).read_text())["metrics"]
+    card = write_model_card(folder / "README.md", report, report["card_info"], args.model_card_template)
+    metrics_path.write_text(json.dumps(report, indent=2))
+    return card
+
+
+def main(argv: list[str] | None = None) -> Path:
+    (args,) = HfArgumentParser(UpdateCardArguments).parse_args_into_dataclasses(args=argv)
+    card = update_card(args)
+    print(f"model card re-rendered: {card}")
+    return card
+
+
+if __name__ == "__main__":
+    main()
