@@ -366,3 +366,18 @@ def test_pipeline_on_real_xrays(tmp_path, xray_paths, monkeypatch):
     for result in classify(images):
         assert sorted(entry["label"] for entry in result) == sorted(LABELS)
         assert sum(entry["score"] for entry in result) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_pipeline_keeps_sixteen_bit_range_given_an_array(tmp_path, xray_paths, monkeypatch):
+    """The README's advice: a 16-bit array through pipeline matches the 8-bit picture (a path would saturate)."""
+    import numpy as np
+    from transformers import pipeline
+
+    monkeypatch.setenv("CNN_LSTM_ONNX_CACHE", str(tmp_path / "onnx"))
+    save_tiny_checkpoint(tmp_path / "checkpoint", cpu_inference_backend="torch")
+    classify = pipeline("image-classification", model=str(tmp_path / "checkpoint"), trust_remote_code=True)
+    eight = np.asarray(Image.open(xray_paths["normal"][1]))
+    sixteen = eight.astype(np.uint16) * 257
+    scores = {entry["label"]: entry["score"] for entry in classify(sixteen)}
+    expected = {entry["label"]: entry["score"] for entry in classify(eight)}
+    assert scores == pytest.approx(expected, abs=1e-5)
