@@ -19,7 +19,7 @@ SHIPPED = "results/checkpoints/cnn-lstm-cxr3"
 @pytest.mark.slow
 def test_dry_run_packs_parts_that_unpack_into_a_loadable_checkpoint(mini_cxr3: Path, tmp_path: Path):
     env = dict(os.environ, DRY_RUN="1", DATA_DIR=str(mini_cxr3), WORK_DIR=str(tmp_path / "work"),
-               OUT=str(tmp_path / "out"), NUM_FOLDS="2", HF_HOME=str(tmp_path / "hf"))  # fmt: skip
+               OUT=str(tmp_path / "out"), NUM_FOLDS="3", HF_HOME=str(tmp_path / "hf"))  # fmt: skip
     proc = subprocess.run(
         ["bash", "scripts/paper_experiments.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900
     )
@@ -52,7 +52,7 @@ def test_dry_run_packs_parts_that_unpack_into_a_loadable_checkpoint(mini_cxr3: P
     checkpoint = dest / "checkpoints" / "cnn-lstm-cxr3"
     card = (checkpoint / "README.md").read_text()
     assert "{{" not in card and "### Shortcut audit" in card and "| lungs_masked |" in card
-    assert "leaky image-level split" in card and "2-fold cross-validation" in card
+    assert "leaky image-level split" in card and "3-fold cross-validation" in card
     assert (dest / "results" / "timings.json").is_file() and (dest / "results" / "benchmark_train.json").is_file()
     assert not (dest / "results" / "checkpoints").exists()
 

@@ -124,24 +124,75 @@ def test_checkpoint_loads_and_predicts_through_pipeline(tiny_run: Path, mini_cxr
     assert sum(p["score"] for p in predictions) == pytest.approx(1.0, abs=1e-4)
 
 
-def test_cross_validation_on_folds(tiny_corpus: Path, tmp_path: Path):
+@pytest.fixture(scope="module")
+def tiny_corpus3(mini_cxr3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`mini_cxr3` with three patient-grouped folds (CV needs training, selection and scored folds)."""
+    destination = tmp_path_factory.mktemp("tiny-corpus3") / "corpus"
+    make_dataset_dict(mini_cxr3, num_folds=3).save_to_disk(str(destination))
+    return destination
+
+
+def test_cross_validation_on_folds(tiny_corpus3: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """k = 3: each fold's model trains on one fold, is selected (checkpoint, early stopping, temperature) on the
+    next and scored on its own; the scored fold's images reach neither training nor selection."""
+    import train.cv
+
+    calls: list[tuple[str, set[int], set[str]]] = []  # (role, folds, patient ids) of every split handed over
+
+    def record(role: str, split) -> None:
+        if split is not None:
+            calls.append((role, set(split.columns["fold"]), set(split.columns["patient_id"])))
+
+    real_fit, real_predict = train.cv.fit, train.cv.predict_logits
+
+    def fit(ctx, model, args, train_split, eval_split):
+        record("train", train_split)
+        record("select", eval_split)
+        return real_fit(ctx, model, args, train_split, eval_split)
+
+    def predict_logits(trainer, split):
+        record("predict", split)
+        return real_predict(trainer, split)
+
+    monkeypatch.setattr(train.cv, "fit", fit)
+    monkeypatch.setattr(train.cv, "predict_logits", predict_logits)
     output_dir = tmp_path / "cv"
     half = ("--save_dtype", "float16", "--max_shard_size", "20KB")  # as issue 6 ships: small fp16 shards
-    final = run_main(tiny_args(tiny_corpus, output_dir, "--cross_validation", "2", "--max_steps", "2", *half))
+    final = run_main(tiny_args(tiny_corpus3, output_dir, "--cross_validation", "3", "--max_steps", "2", *half))
     cv = json.loads((output_dir / "cv_results.json").read_text())
-    assert [fold["fold"] for fold in cv["folds"]] == [0, 1]
+    assert [fold["fold"] for fold in cv["folds"]] == [0, 1, 2]
+    assert [fold["selection_fold"] for fold in cv["folds"]] == [1, 2, 0]
+    assert [fold["training_folds"] for fold in cv["folds"]] == [[2], [0], [1]]
+    # per fold: fit(train, select), predict(select) for the temperature, predict(scored); then the final model
+    assert len(calls) == 3 * 4 + 2
+    for fold in (0, 1, 2):
+        trained, selected, calibrated, scored = calls[4 * fold : 4 * fold + 4]
+        assert [trained[0], selected[0], calibrated[0], scored[0]] == ["train", "select", "predict", "predict"]
+        (_, train_folds, train_ids), (_, select_folds, select_ids) = trained, selected
+        (_, temp_folds, _), (_, scored_folds, scored_ids) = calibrated, scored
+        assert train_folds == {(fold + 2) % 3} and select_folds == temp_folds == {(fold + 1) % 3}
+        assert scored_folds == {fold}
+        assert not scored_ids & (train_ids | select_ids), "scored images used for training or selection"
+        result = json.loads((output_dir / f"fold-{fold}" / "fold_result.json").read_text())
+        folds_of_rows = np.asarray(cv_pooled_folds(tiny_corpus3))[result["indices"]]
+        assert set(folds_of_rows.tolist()) == {fold} and len(result["indices"]) == len(result["logits"])
+        evaluations = [entry for entry in result["log_history"] if "eval_macro_f1" in entry]
+        assert evaluations, "the checkpoint was chosen without evaluations on the selection fold"
+    assert calls[-2][0] == "train" and calls[-2][1] == {0, 1, 2}  # final model: every non-test fold, no selection
+    assert calls[-1][0] == "predict" and calls[-1][1] == {-1}  # then only the test split
     for key in ("accuracy", "macro_f1", "macro_auc"):
         values = [fold["metrics"][key] for fold in cv["folds"]]
         assert cv["summary"][key]["mean"] == pytest.approx(np.mean(values))
         assert cv["summary"][key]["std"] == pytest.approx(np.std(values, ddof=1))
-    for fold in (0, 1):
+    for fold in (0, 1, 2):
         assert (output_dir / f"fold-{fold}" / "fold_result.json").is_file()
         assert not list((output_dir / f"fold-{fold}").glob("checkpoint-*"))
     report = json.loads((final / "report" / "metrics.json").read_text())
     assert report["calibration"]["fitted_on"] == "out-of-fold cross-validation"
-    assert report["cross_validation"]["k"] == 2
+    assert report["cross_validation"]["k"] == 3
     text = (final / "README.md").read_text()
-    assert "2-fold cross-validation" in text and "+-" in text and "{{" not in text
+    assert "3-fold cross-validation" in text and "+-" in text and "{{" not in text
+    assert "inner validation fold (f + 1) mod 3" in text
     shards = sorted(final.glob("model-*.safetensors"))
     dtypes = {tensor.dtype for shard in shards for tensor in load_file(shard).values() if tensor.is_floating_point()}
     assert len(shards) > 1 and dtypes == {torch.float16}
@@ -150,6 +201,19 @@ def test_cross_validation_on_folds(tiny_corpus: Path, tmp_path: Path):
     model = AutoModelForImageClassification.from_pretrained(final, trust_remote_code=True)
     assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
     assert model.config.calibration_temperature == pytest.approx(report["calibration"]["temperature"])
+
+
+def cv_pooled_folds(corpus: Path) -> list[int]:
+    """The fold column in the order cross-validation pools the rows (train, then validation)."""
+    from datasets import load_from_disk
+
+    dataset = load_from_disk(str(corpus))
+    return [*dataset["train"]["fold"], *dataset["validation"]["fold"]]
+
+
+def test_cross_validation_needs_three_folds(tiny_corpus3: Path, tmp_path: Path):
+    with pytest.raises(ValueError, match="k >= 3"):
+        run_main(tiny_args(tiny_corpus3, tmp_path / "cv2", "--cross_validation", "2"))
 
 
 def test_label_mismatch_fails_before_training(mini_cxr3: Path, tmp_path: Path):

@@ -108,7 +108,13 @@ class DataArguments:
 class EvaluationArguments:
     """Protocol (cross-validation), calibration, the report, the final folder and the metric's Hub id."""
 
-    cross_validation: int = field(default=0, metadata={"help": "k > 1: patient-grouped k-fold CV on the fold column."})
+    cross_validation: int = field(
+        default=0,
+        metadata={
+            "help": "k >= 3: patient-grouped k-fold CV on the fold column; fold f is scored by a model trained on "
+            "k - 2 folds and selected (checkpoint, early stopping, temperature) on fold (f + 1) mod k."
+        },
+    )
     no_final: bool = field(default=False, metadata={"help": "With CV: skip the final model on all non-test data."})
     calibrate: bool = field(default=True, metadata={"help": "Fit temperature scaling on validation logits."})
     early_stopping_patience: int | None = field(
@@ -127,8 +133,11 @@ class EvaluationArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.cross_validation == 1 or self.cross_validation < 0:
-            raise ValueError(f"--cross_validation must be 0 (off) or k >= 2, got {self.cross_validation}")
+        if self.cross_validation in (1, 2) or self.cross_validation < 0:
+            raise ValueError(
+                f"--cross_validation must be 0 (off) or k >= 3 (training, selection and scored folds), "
+                f"got {self.cross_validation}"
+            )
         if self.bootstrap_samples < 0:
             raise ValueError("--bootstrap_samples must be >= 0")
 

@@ -234,8 +234,16 @@ def cv_table(cv: dict[str, Any] | None) -> str:
         return "Cross-validation was not run for this checkpoint."
     folds = cv["folds"]
     lines = [
-        f"{len(folds)}-fold cross-validation, patient-grouped (no patient in two folds); each fold's model evaluated "
-        "on its held-out fold. Mean +- standard deviation over folds (in %; ECE as a fraction).",
+        f"{len(folds)}-fold cross-validation, patient-grouped (no patient in two folds). "
+        + (
+            f"Fold f is scored by a model trained on the other {len(folds) - 2} folds, whose checkpoint, early "
+            "stopping and temperature were chosen on the inner validation fold (f + 1) mod "
+            f"{len(folds)}; fold f's images were used for neither training nor selection."
+            if cv.get("protocol")
+            else "Each fold's model was evaluated on the fold its checkpoint was also chosen on (older protocol: "
+            "optimistic)."
+        )
+        + " Mean +- standard deviation over folds (in %; ECE as a fraction, after the fold's temperature).",
         "",
         "| Metric | " + " | ".join(f"fold {fold['fold']}" for fold in folds) + " | mean +- std |",
         "|---|" + "---|" * (len(folds) + 1),
