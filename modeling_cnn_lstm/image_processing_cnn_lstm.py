@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - pillow comes with transformers' vision
     Image = None
 
 RESIZE_MODES = ("stretch", "pad")
-_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
 def _alpha_composite_on_black(rgba: np.ndarray) -> np.ndarray:
@@ -37,9 +37,12 @@ def _pil_to_array(image: Image.Image) -> np.ndarray:
         raise ValueError(f"image has zero size ({image.width}x{image.height})")
     mode = image.mode
     if mode in _SIXTEEN_BIT_MODES:
-        # 16-bit PNGs open as I;16 or I: scale the full 16-bit range to 0..255, keep the precision as float.
+        # 16-bit PNGs open as I;16: scale the full 16-bit range to 0..255, keep the precision as float.
         array = np.asarray(image, dtype=np.float64)
         return (np.clip(array, 0, 65535) * (255.0 / 65535.0)).astype(np.float32)[..., None]
+    if mode == "I":
+        # 32-bit integer pixels (some 16-bit PNG/TIFF readers): the same rule as an integer numpy array
+        return _numeric_to_array(np.asarray(image, dtype=np.int32), channels_first=False)
     if mode == "F":
         return _float_array_to_255(np.asarray(image, dtype=np.float32))[..., None]
     if mode in ("1", "L"):

@@ -247,7 +247,14 @@ class CnnLstmForImageClassification(CnnLstmPreTrainedModel):
             and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing()
             and not torch.onnx.is_in_onnx_export()
+            and not self._has_forward_hooks()
         )
+
+    def _has_forward_hooks(self) -> bool:
+        """Hooks (feature extraction, Captum layer methods) must see this model run, not a fast copy of it."""
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return True
+        return any(module._forward_hooks or module._forward_pre_hooks for module in self.modules())
 
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pixel values -> the trunk's last feature map (batch, channels, height, width)."""
@@ -266,6 +273,9 @@ class CnnLstmForImageClassification(CnnLstmPreTrainedModel):
         **kwargs,
     ) -> ImageClassifierOutput | tuple:
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
         if labels is None and not output_hidden_states and self._fast_path_applies(pixel_values):
             self._check_pixel_values(pixel_values)
             backend = resolve_backend(self.config.cpu_inference_backend)

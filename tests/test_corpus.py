@@ -754,3 +754,15 @@ print(json.dumps({{split: [loaded[split].num_rows, loaded[split].features["label
     card = hub_standin.read_file("standin-user/cxr3-subset", "README.md", repo_type="dataset").decode()
     assert card.startswith("---\n") and "Not for clinical diagnosis" in card
     assert not hub_standin.unknown_requests
+
+
+def test_pre_resizing_uses_the_processor_rule_for_16_bit_and_alpha(cxr3_dir: Path) -> None:
+    """A stored pre-resized copy holds what the model would see from the original (no min-max stretch)."""
+    from train.corpus_images import resize_longer_side
+
+    eight = np.asarray(Image.open(sorted((cxr3_dir / "images" / "normal").glob("*.jpg"))[0]))
+    dim_twelve_bit = Image.fromarray(eight.astype(np.uint16) * 16)  # 12-bit data in a 16-bit image
+    stored = np.asarray(resize_longer_side(dim_twelve_bit, 10_000))
+    assert stored.dtype == np.uint8 and stored.max() <= round(255 * 16 / 257) + 1  # full 16-bit range, not stretched
+    rgba = Image.fromarray(np.stack([eight] * 3 + [np.zeros_like(eight)], axis=-1), "RGBA")
+    assert np.asarray(resize_longer_side(rgba, 10_000)).max() == 0  # fully transparent -> black

@@ -170,3 +170,13 @@ def test_save_and_load_round_trip(tmp_path):
     assert (loaded.resize_mode, loaded.size, loaded.pad_value) == ("pad", {"height": 64, "width": 64}, 10.0)
     image = np.random.default_rng(0).integers(0, 255, (50, 90), dtype=np.uint8)
     assert torch.equal(loaded(image)["pixel_values"], processor(image)["pixel_values"])
+
+
+def test_mode_i_follows_the_integer_array_rule(processor, xray):
+    """PIL mode "I" (32-bit ints) is not assumed 16-bit: 8-bit values stay 8-bit, as for an int32 array."""
+    eight = np.asarray(xray)
+    as_mode_i = Image.fromarray(eight.astype(np.int32), mode="I")
+    assert as_mode_i.mode == "I"
+    assert torch.allclose(processor(as_mode_i)["pixel_values"], processor(eight)["pixel_values"], atol=1e-5)
+    wide = Image.fromarray(eight.astype(np.int32) * 257, mode="I")  # beyond 8 bits: the 16-bit range
+    assert torch.allclose(processor(wide)["pixel_values"], processor(eight)["pixel_values"], atol=1e-4)

@@ -227,6 +227,23 @@ class TestFastInference:
             model.config.calibration_temperature = 2.0
             assert torch.allclose(model(pixels).logits, (eager + 1.0) / 2.0, atol=tolerance)
 
+    def test_writes_through_data_hooks_and_hidden_states_are_honoured(self):
+        model = deterministic_model(tiny_config(cpu_inference_backend="bf16"))
+        pixels = fixed_input(model.config)
+        with torch.no_grad():
+            before = model(pixels).logits
+            model.head.classifier.bias.data.add_(5.0)  # bypasses version counters
+            assert torch.allclose(model(pixels).logits, before + 5.0, atol=3e-2)
+        calls = []
+        handle = model.head.fc.register_forward_hook(lambda module, inputs, output: calls.append(output.shape))
+        with torch.no_grad():
+            model(pixels)
+        handle.remove()
+        assert calls == [(2, 10)], "a hooked model must run itself, not its fast copy"
+        model.config.output_hidden_states = True
+        with torch.no_grad():
+            assert len(model(pixels).hidden_states) == 2
+
     def test_torch_backend_and_training_mode_never_use_a_runner(self, tmp_path, monkeypatch):
         monkeypatch.setenv("CNN_LSTM_ONNX_CACHE", str(tmp_path / "onnx"))
         model = CnnLstmForImageClassification(tiny_config(cpu_inference_backend="torch")).eval()

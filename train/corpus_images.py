@@ -25,12 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from modeling_cnn_lstm.image_processing_cnn_lstm import to_canonical_array
+
 PHASH_SIZE = 16  # 16x16 low frequencies -> 256 bits
 PHASH_BITS = PHASH_SIZE * PHASH_SIZE
 PHASH_THRESHOLD = 40
 _PHASH_INPUT = 32
 _HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-_GRAY_MODES = ("1", "L", "LA", "La", *_HIGH_DEPTH_MODES)
 
 
 class ImageProblem(Exception):
@@ -108,8 +109,13 @@ def near_duplicate_pairs(hashes: np.ndarray, threshold: int = PHASH_THRESHOLD) -
 
 
 def resize_longer_side(image: Image.Image, longer_side: int) -> Image.Image:
-    """Shrink (never enlarge) so the longer side is `longer_side`; grayscale stays 8-bit gray, the rest RGB."""
-    image = to_gray8(image) if image.mode in _GRAY_MODES else image.convert("RGB")
+    """Shrink (never enlarge) so the longer side is `longer_side`; grayscale stays 8-bit gray, the rest RGB.
+
+    Pixels are converted by the image processor's own rule (16-bit full range, alpha composited on black), so a
+    pre-resized corpus holds what the model would see from the original file.
+    """
+    pixels = np.clip(np.round(to_canonical_array(image)), 0, 255).astype(np.uint8)  # HxWxC, C in (1, 3)
+    image = Image.fromarray(pixels[..., 0], "L") if pixels.shape[-1] == 1 else Image.fromarray(pixels, "RGB")
     width, height = image.size
     scale = longer_side / max(width, height)
     if scale < 1:
