@@ -108,14 +108,27 @@ def load_classifier(source: str, revision: str | None = None, settings: Saliency
         processor = CnnLstmImageProcessor.from_pretrained(source, revision=revision)
     except Exception:  # noqa: BLE001 - a folder without preprocessor_config.json: the config has what is needed
         processor = CnnLstmImageProcessor.from_model_config(model.config)
+    if (processor.size["height"], processor.size["width"]) != (model.config.image_size,) * 2:
+        raise ModelUnavailable(
+            no_model_message(
+                f"`{source}`{at} is inconsistent: its processor resizes to {processor.size['height']}x"
+                f"{processor.size['width']} but the model takes {model.config.image_size}x{model.config.image_size}."
+            )
+        )
     device = os.environ.get(ENV_DEVICE) or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device).eval()
-    explainer = Explainer(model, settings)
-    black = processor(np.zeros((8, 8, 1), np.float32), return_tensors="pt")["pixel_values"][:, :, :1, :1]
-    size = processor.size
-    black = black.expand(1, -1, size["height"], size["width"]).contiguous()
-    with torch.inference_mode():  # warm-up: builds the fast CPU runner (bf16 copy or ONNX export) before users come
-        model(pixel_values=black.to(device))
+    try:
+        model = model.to(device).eval()
+        explainer = Explainer(model, settings)
+        black = processor(np.zeros((8, 8, 1), np.float32), return_tensors="pt")["pixel_values"][:, :, :1, :1]
+        size = processor.size
+        black = black.expand(1, -1, size["height"], size["width"]).contiguous()
+        # warm-up: builds the fast CPU runner (bf16 copy or ONNX export) before users come
+        with torch.inference_mode():
+            model(pixel_values=black.to(device))
+    except Exception as error:  # noqa: BLE001 - a bad device setting or a broken checkpoint: say so, keep running
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = f"Preparing `{source}`{at} on {device} failed: {first_line}"
+        raise ModelUnavailable(no_model_message(reason)) from None
     labels = [model.config.id2label[index] for index in range(model.config.num_labels)]
     logger.info("serving %s%s on %s", source, at, device)
     return LoadedClassifier(model, processor, explainer, labels, f"{source}{at}", black)

@@ -313,6 +313,16 @@ def test_no_model_states(tmp_path, monkeypatch, checkpoint):
     (tmp_path / "vit").mkdir()
     (tmp_path / "vit" / "config.json").write_text(json.dumps({"model_type": "vit"}))
     assert "not a CNN-LSTM" in CxrDemo.from_source(str(tmp_path / "vit")).status
+    mismatched = tmp_path / "mismatched"
+    make_checkpoint(mismatched)
+    processor_config = json.loads((mismatched / "preprocessor_config.json").read_text())
+    processor_config["size"] = {"height": 64, "width": 64}
+    (mismatched / "preprocessor_config.json").write_text(json.dumps(processor_config))
+    assert "inconsistent" in CxrDemo.from_source(str(mismatched)).status
+    monkeypatch.setenv("CNN_LSTM_DEVICE", "no-such-device")
+    broken = CxrDemo.from_source(str(checkpoint))
+    assert broken.classifier is None and "on no-such-device failed" in broken.status
+    monkeypatch.delenv("CNN_LSTM_DEVICE")
     monkeypatch.setenv("CNN_LSTM_MODEL", str(checkpoint))
     monkeypatch.setenv("CNN_LSTM_REVISION", "main")
     assert demo_module.resolve_source() == (str(checkpoint), "main")
