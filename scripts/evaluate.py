@@ -4,8 +4,10 @@
 
 Prints ONE JSON object of metrics on stdout (logs go to stderr) and writes the report folder: metrics.json,
 report.md and the PNG figures, as at the end of training. Images go through the checkpoint's own image processor
-and forward pass, i.e. exactly what a user of the checkpoint gets (the stored calibration temperature included;
-"uncalibrated" numbers are recomputed from logits x T).
+and forward pass, i.e. what a user of the checkpoint gets (the stored calibration temperature included;
+"uncalibrated" numbers are recomputed from logits x T). On CPU the forward pass is exact fp32 PyTorch by default
+(`--cpu_inference_backend torch`, as in scripts/shortcut_audit.py), not the checkpoint's "auto" (bf16 on CPUs with
+native bf16), so metrics and ECE do not depend on the machine; pass another backend to measure that one.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ sys.path.insert(0, str(_REPO_ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from datasets import Dataset, DatasetDict, load_from_disk  # noqa: E402
+from datasets import Dataset  # noqa: E402
 from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser  # noqa: E402
 
-from train.data import DataError, check_dataset, is_cxr3_folder, is_saved_dataset, read_cxr3_folder  # noqa: E402
+from train.data import load_split  # noqa: E402
 from train.report import write_report  # noqa: E402
 
 logger = logging.getLogger("evaluate_checkpoint")
@@ -42,24 +44,17 @@ class EvaluateArguments:
     revision: str | None = field(default=None, metadata={"help": "Hub revision of --model."})
     batch_size: int = field(default=32, metadata={"help": "Images per forward pass."})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda."})
-    cpu_inference_backend: str | None = field(
-        default=None, metadata={"help": "Override the checkpoint's CPU backend (torch = exact fp32 PyTorch)."}
+    cpu_inference_backend: str = field(
+        default="torch",
+        metadata={
+            "help": "CPU forward pass for the reported metrics. Default torch: exact fp32 PyTorch, the same as "
+            "scripts/shortcut_audit.py, whatever the checkpoint stores. Pass the checkpoint's own value (auto, "
+            "bf16, onnxruntime, ...) to measure what that backend gives instead."
+        },
     )
     bootstrap_samples: int = field(default=1000, metadata={"help": "Bootstrap resamples for the 95%% intervals."})
     ece_bins: int = field(default=15, metadata={"help": "Equal-width confidence bins of the ECE."})
     seed: int = field(default=0, metadata={"help": "Seed of the bootstrap."})
-
-
-def load_split(data_dir: Path, split: str, label_names: list[str]) -> Dataset:
-    """All images of a cxr3-layout folder, or one split of a built corpus, label names checked."""
-    if is_cxr3_folder(data_dir) and not is_saved_dataset(data_dir):
-        return read_cxr3_folder(data_dir, label_names)
-    if not is_saved_dataset(data_dir):
-        raise DataError(f"{data_dir} is neither a built corpus (save_to_disk) nor a cxr3-layout folder")
-    loaded = load_from_disk(str(data_dir))
-    dataset = loaded if isinstance(loaded, DatasetDict) else DatasetDict({split: loaded})
-    check_dataset(dataset, label_names, [split])
-    return dataset[split]
 
 
 @torch.inference_mode()
@@ -83,8 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.model, trust_remote_code=True, revision=args.revision, dtype=torch.float32
     ).to(device)
     model.eval()
-    if args.cpu_inference_backend is not None:
-        model.config.cpu_inference_backend = args.cpu_inference_backend
+    model.config.cpu_inference_backend = args.cpu_inference_backend  # default torch: exact fp32, not bf16
     processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=True, revision=args.revision)
     label_names = [model.config.id2label[index] for index in range(model.config.num_labels)]
     data_dir = Path(args.data_dir)

@@ -36,10 +36,10 @@ sys.path.insert(0, str(_REPO_ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from datasets import Dataset, DatasetDict, load_from_disk  # noqa: E402
+from datasets import Dataset  # noqa: E402
 from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser  # noqa: E402
 
-from train.data import DataError, check_dataset, is_cxr3_folder, is_saved_dataset, read_cxr3_folder  # noqa: E402
+from train.data import load_split  # noqa: E402
 from train.metrics.cxr_metrics.cxr_metrics import compute_classification_metrics  # noqa: E402
 
 logger = logging.getLogger("shortcut_audit")
@@ -64,6 +64,13 @@ class AuditArguments:
     batch_size: int = field(default=32, metadata={"help": "Images per forward pass."})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda."})
     max_samples: int | None = field(default=None, metadata={"help": "Audit only the first N images (smoke runs)."})
+    cpu_inference_backend: str = field(
+        default="torch",
+        metadata={
+            "help": "CPU forward pass. Default torch: exact fp32 PyTorch, the same as scripts/evaluate.py, whatever "
+            "the checkpoint stores (its 'auto' would mean bf16 on CPUs with native bf16)."
+        },
+    )
 
 
 def lung_mask(height: int, width: int) -> torch.Tensor:
@@ -87,18 +94,6 @@ def apply_condition(pixel_values: torch.Tensor, condition: str) -> torch.Tensor:
     hidden = inside if condition == "lungs_masked" else ~inside  # (H, W): the pixels to fill
     fill = pixel_values.mean(dim=(-2, -1), keepdim=True).expand_as(pixel_values)  # (N, C, H, W)
     return torch.where(hidden, fill, pixel_values)
-
-
-def load_split(data_dir: Path, split: str, label_names: list[str]) -> Dataset:
-    """All images of a cxr3-layout folder, or one split of a built corpus (as scripts/evaluate.py reads them)."""
-    if is_cxr3_folder(data_dir) and not is_saved_dataset(data_dir):
-        return read_cxr3_folder(data_dir, label_names)
-    if not is_saved_dataset(data_dir):
-        raise DataError(f"{data_dir} is neither a built corpus (save_to_disk) nor a cxr3-layout folder")
-    loaded = load_from_disk(str(data_dir))
-    dataset = loaded if isinstance(loaded, DatasetDict) else DatasetDict({split: loaded})
-    check_dataset(dataset, label_names, [split])
-    return dataset[split]
 
 
 @torch.inference_mode()
@@ -196,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "auto", "cpu"))  # fmt: skip
     model = AutoModelForImageClassification.from_pretrained(args.model, trust_remote_code=True, dtype=torch.float32)
     model = model.to(device).eval()
-    model.config.cpu_inference_backend = "torch"  # exact fp32 on CPU: the masked inputs go through the same path
+    model.config.cpu_inference_backend = args.cpu_inference_backend  # default torch: exact fp32, as evaluate.py
     processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=True)
     label_names = [model.config.id2label[index] for index in range(model.config.num_labels)]
     dataset = load_split(Path(args.data_dir), args.split, label_names)

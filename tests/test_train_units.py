@@ -141,9 +141,16 @@ def test_atomic_folder_keeps_the_old_folder_on_failure(tmp_path: Path):
     assert sorted(p.name for p in destination.iterdir()) == ["b.txt"]
 
 
-@pytest.mark.parametrize("script", ["train/run.py", "scripts/evaluate.py", "scripts/benchmark_train.py"])
-def test_help_of_every_entry_point(script: str, capsys: pytest.CaptureFixture):
-    """argparse formats every help string (a stray % would only fail here)."""
+ENTRY_POINTS = [
+    "train/run.py",
+    "scripts/evaluate.py",
+    "scripts/benchmark_train.py",
+    "scripts/shortcut_audit.py",
+    "scripts/update_card.py",
+]
+
+
+def load_script(script: str):
     import importlib.util
     import sys
 
@@ -151,7 +158,32 @@ def test_help_of_every_entry_point(script: str, capsys: pytest.CaptureFixture):
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("script", ENTRY_POINTS)
+def test_help_of_every_entry_point(script: str, capsys: pytest.CaptureFixture):
+    """argparse formats every help string (a stray % would only fail here)."""
+    module = load_script(script)
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--help"])
     assert exit_info.value.code == 0
     assert "--" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("script", "arguments"),
+    [("scripts/evaluate.py", "EvaluateArguments"), ("scripts/shortcut_audit.py", "AuditArguments")],
+)
+def test_evaluation_scripts_default_to_exact_fp32(script: str, arguments: str, capsys: pytest.CaptureFixture):
+    """Reported metrics come from the exact fp32 PyTorch path on CPU, not the checkpoint's 'auto' (bf16), in both
+    scripts, and --help says so; both read data through the one shared train.data.load_split."""
+    import train.data
+
+    module = load_script(script)
+    assert getattr(module, arguments).__dataclass_fields__["cpu_inference_backend"].default == "torch"
+    assert module.load_split is train.data.load_split
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--cpu_inference_backend" in help_text and "Default torch: exact fp32 PyTorch" in help_text

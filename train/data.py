@@ -184,6 +184,18 @@ def check_folds(dataset: Dataset, num_folds: int, fold_column: str = "fold") -> 
         )
 
 
+def load_split(data_dir: Path, split: str, label_names: list[str]) -> Dataset:
+    """All images of a cxr3-layout folder, or one split of a built corpus, label names checked."""
+    if is_cxr3_folder(data_dir) and not is_saved_dataset(data_dir):
+        return read_cxr3_folder(data_dir, label_names)
+    if not is_saved_dataset(data_dir):
+        raise DataError(f"{data_dir} is neither a built corpus (save_to_disk) nor a cxr3-layout folder")
+    loaded = load_from_disk(str(data_dir))
+    dataset = loaded if isinstance(loaded, DatasetDict) else DatasetDict({split: loaded})
+    check_dataset(dataset, label_names, [split])
+    return dataset[split]
+
+
 def select_samples(dataset: Dataset, max_samples: int | None, seed: int) -> Dataset:
     """A seeded random subset (smoke runs); the whole split when max_samples is None."""
     if max_samples is None or max_samples >= len(dataset):
