@@ -5,8 +5,10 @@
         --leaky_metrics runs/leaky/final/report/metrics.json
 
 Each given result is stored in the folder's `report/metrics.json` (keys `cross_validation`, `shortcut_audit`,
-`leaky_protocol`) and the card is rendered again from the repository's `model_card.md`; results not given keep
-their stored value, and a result never run renders as "not run".
+`leaky_protocol`); the card is rendered again from the repository's `model_card.md` and `report/report.md` from the
+same data. Results not given keep their stored value, and a result never run renders as "not run". Everything is
+rendered before anything is written, and each file is written to a temporary file in its folder and moved into
+place with `os.replace`, so an interrupted update never leaves a truncated card or metrics.json.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ sys.path.insert(0, str(_REPO_ROOT))
 
 from transformers import HfArgumentParser  # noqa: E402
 
-from train.card import write_model_card  # noqa: E402
+from train.card import DEFAULT_TEMPLATE, card_context, render_model_card  # noqa: E402
+from train.report import atomic_write_text, render_report_markdown  # noqa: E402
 
 
 @dataclass
@@ -52,9 +55,12 @@ def update_card(args: UpdateCardArguments) -> Path:
         report["shortcut_audit"] = json.loads(Path(args.shortcut_audit).read_text())
     if args.leaky_metrics:
         report["leaky_protocol"] = json.loads(Path(args.leaky_metrics).read_text())["metrics"]
-    card = write_model_card(folder / "README.md", report, report["card_info"], args.model_card_template)
-    metrics_path.write_text(json.dumps(report, indent=2))
-    return card
+    template = Path(args.model_card_template or DEFAULT_TEMPLATE).read_text(encoding="utf-8")
+    card_text = render_model_card(template, card_context(report, report["card_info"]))  # fails before any write
+    report_text = render_report_markdown(report)
+    atomic_write_text(metrics_path, json.dumps(report, indent=2))
+    atomic_write_text(metrics_path.parent / "report.md", report_text)
+    return atomic_write_text(folder / "README.md", card_text)
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -326,3 +326,45 @@ def test_paper_config_trains_one_step_on_cpu(tiny_corpus: Path, tmp_path: Path):
     assert config["block_widths"] == [[64, 64], [128, 128], [256, 256], [512, 512, 512], [512, 512, 512]]
     assert config["use_batch_norm"] and config["head_type"] == "lstm" and config["image_size"] == 224
     assert "{{" not in (final / "README.md").read_text()
+
+
+def test_update_card_rewrites_card_metrics_and_report_atomically(tiny_run: Path, tmp_path: Path):
+    """scripts/update_card.py adds CV results to metrics.json, README.md and report.md (temp file + os.replace);
+    a template that fails to render leaves all three untouched."""
+    import shutil
+
+    from train.report import atomic_write_text
+
+    folder = tmp_path / "final"
+    shutil.copytree(tiny_run / "final", folder)
+    fold = {"fold": 0, "metrics": {"accuracy": 0.5, "macro_f1": 0.4}, "best_epoch": 1.0}
+    cv = {"k": 3, "folds": [fold, {**fold, "fold": 1}, {**fold, "fold": 2}], "protocol": "inner selection"}
+    cv["summary"] = {"accuracy": {"mean": 0.5, "std": 0.0, "n": 3}}
+    (tmp_path / "cv.json").write_text(json.dumps(cv))
+    files = [folder / "README.md", folder / "report" / "metrics.json", folder / "report" / "report.md"]
+    before = [path.read_text() for path in files]
+    bad = tmp_path / "bad.md"
+    bad.write_text("{{ no_such_field }}")
+    script = [
+        sys.executable,
+        "scripts/update_card.py",
+        "--model_dir",
+        str(folder),
+        "--cv_results",
+        str(tmp_path / "cv.json"),
+    ]
+    proc = subprocess.run([*script, "--model_card_template", str(bad)], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0 and "no_such_field" in proc.stderr
+    assert [path.read_text() for path in files] == before
+    proc = subprocess.run(script, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(files[1].read_text())["cross_validation"]["k"] == 3
+    for path in (files[0], files[2]):
+        assert (
+            "3-fold cross-validation" in path.read_text() and "inner validation fold (f + 1) mod 3" in path.read_text()
+        )
+    assert not [path for path in folder.rglob("*") if path.name.endswith(".tmp")], "temporary files left behind"
+    target = tmp_path / "x.txt"
+    target.write_text("old")
+    atomic_write_text(target, "new")
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

@@ -11,7 +11,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-from train.report import calibration_table, cv_table, intervals_table, per_class_table, per_source_table, percent
+from train.report import (
+    atomic_write_text,
+    calibration_table,
+    cv_table,
+    intervals_table,
+    per_class_table,
+    per_source_table,
+    percent,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TEMPLATE = REPO_ROOT / "model_card.md"
@@ -129,6 +137,6 @@ def leaky_protocol_row(metrics: dict[str, Any] | None) -> str:
 def write_model_card(
     destination: Path, report: dict[str, Any], info: dict[str, Any], template: str | Path | None = None
 ) -> Path:
+    """Render and write the card atomically (temporary file in the same folder, then os.replace)."""
     text = Path(template or DEFAULT_TEMPLATE).read_text(encoding="utf-8")
-    destination.write_text(render_model_card(text, card_context(report, info)), encoding="utf-8")
-    return destination
+    return atomic_write_text(destination, render_model_card(text, card_context(report, info)))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,21 @@ PLOT_FILES = {
     "roc_curves": "roc_curves.png",
     "reliability_diagram": "reliability_diagram.png",
 }
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to a temporary file in `path`'s folder, then `os.replace` it into place: a reader (or a crash
+    half-way) sees the old file or the new one, never a truncated one."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"  # not mkstemp: keep the usual umask permissions
+    try:
+        with open(tmp, "x", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def bootstrap_intervals(
@@ -150,8 +167,8 @@ def write_report(
         plot_training_curves(histories, "loss", report_dir / PLOT_FILES["loss_curves"])
         plots += ["accuracy_curves", "loss_curves"]
     report["plots"] = {name: PLOT_FILES[name] for name in plots}
-    (report_dir / "metrics.json").write_text(json.dumps(report, indent=2))
-    (report_dir / "report.md").write_text(render_report_markdown(report))
+    atomic_write_text(report_dir / "metrics.json", json.dumps(report, indent=2))
+    atomic_write_text(report_dir / "report.md", render_report_markdown(report))
     if histories:
         (report_dir / "training_history.json").write_text(json.dumps(histories, indent=1))
     return report
