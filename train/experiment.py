@@ -154,7 +154,12 @@ def fit(
     train_split: CachedSplit,
     eval_split: CachedSplit | None,
 ) -> tuple[CxrTrainer, dict[str, Any]]:
-    """Train with the Trainer (resuming if asked); with an eval split, the best checkpoint is loaded at the end."""
+    """Train with the Trainer (resuming if asked); with an eval split, the best checkpoint is loaded at the end.
+
+    `eval_split` chooses the checkpoint and drives early stopping, so numbers measured on it afterwards are
+    optimistic: score on data that was neither trained on nor passed here (train/cv.py selects on a separate inner
+    fold).
+    """
     callbacks = []
     if eval_split is not None and ctx.eval_args.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(ctx.eval_args.early_stopping_patience))
