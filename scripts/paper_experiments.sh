@@ -5,7 +5,7 @@
 #   here, once:  mkdir -p .data && cp -r ../shared/data/cxr3 .data/cxr3          # ~40 MB, ignored by git
 #                mkdir -p .whl && cp ../shared/wheels/py312/*.whl .whl/           # datasets, evaluate, captum, ...
 #   device run:  DATA_DIR=.data/cxr3 bash scripts/paper_experiments.sh            # carry: [".data", ".whl"]
-#   back here:   bash scripts/unpack_results.sh /work/.device/...                 # the folder holding the parts
+#   back here:   bash scripts/unpack_results.sh FILES_AT                          # the folder holding the parts (device tool reply)
 # CPU dry run (tiny config, a few steps, CPU flags; what the tests run):
 #   DRY_RUN=1 DATA_DIR=SOME_CXR3_FOLDER OUT=/tmp/out bash scripts/paper_experiments.sh
 #

@@ -8,7 +8,7 @@ Fingerprints:
   most `PHASH_THRESHOLD`.
 
 Why 256 bits and 40: chest X-rays look alike, so the common 64-bit pHash puts distinct cxr3 images of different
-patients 4-8 bits apart, inside the range of a mere re-crop. With 256 bits, measured on /work/shared/data/cxr3
+patients 4-8 bits apart, inside the range of a mere re-crop. With 256 bits, measured on ../shared/data/cxr3
 (1,038 images, 538k pairs): the closest pair of *distinct* images is 52 bits apart (0.001% quantile 56), while
 copies of each image stay within: resize to 256 px or 224x224 <= 8, JPEG q20-50 <= 12, contrast x1.2 <= 30,
 brightness x1.1 <= 20, 0.5% crop per side <= 20, 1% crop per side <= 37 for 99% of images (max 46), 1.5% crop
