@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from .image_processing_cnn_lstm import match_channels
+
 ANALYSIS_SIDE = 256
 COLOUR_CHROMA = 48.0
 MAX_COLOUR_SHARE = 0.05
@@ -83,7 +85,7 @@ def image_statistics(pixels: np.ndarray) -> dict[str, float]:
     small = _thumbnail(pixels)
     if small.shape[-1] == 3:
         colour_share = float(((small.max(-1) - small.min(-1)) > COLOUR_CHROMA).mean())
-        grey = small @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        grey = match_channels(small, 1)[..., 0]
     else:
         colour_share, grey = 0.0, small[..., 0]
     steps_x, steps_y = np.abs(np.diff(grey, axis=1)), np.abs(np.diff(grey, axis=0))

@@ -120,7 +120,7 @@ def to_canonical_array(image: Any) -> np.ndarray:
     raise ValueError(f"unsupported image type {type(image).__name__}; expected a PIL image, numpy array or tensor")
 
 
-def _match_channels(pixels: np.ndarray, num_channels: int) -> np.ndarray:
+def match_channels(pixels: np.ndarray, num_channels: int) -> np.ndarray:
     """Grayscale -> repeated channels; colour -> luminance (ITU-R 601-2 weights, as PIL's convert("L"))."""
     if pixels.shape[-1] == num_channels:
         return pixels
@@ -255,7 +255,7 @@ class CnnLstmImageProcessor(BaseImageProcessor):
         processed = []
         for index, image in enumerate(_split_batch(images)):
             try:
-                pixels = _match_channels(to_canonical_array(image), settings["num_channels"])
+                pixels = match_channels(to_canonical_array(image), settings["num_channels"])
             except ValueError as error:
                 raise ValueError(f"image {index}: {error}") from None
             # HxWxC numpy -> CxHxW tensor

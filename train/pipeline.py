@@ -30,11 +30,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from modeling_cnn_lstm.image_processing_cnn_lstm import CnnLstmImageProcessor, to_canonical_array
+from modeling_cnn_lstm.image_processing_cnn_lstm import CnnLstmImageProcessor, match_channels, to_canonical_array
 
 logger = logging.getLogger(__name__)
 CACHE_VERSION = "uint8-v1"
-_LUMINANCE = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601-2, as the processor and PIL
 _RESIZER = CnnLstmImageProcessor()  # only its resize_tensor is used: the processor's exact resize rule
 
 
@@ -49,8 +48,8 @@ def decode_resize(image: Any, image_size: int, num_channels: int) -> np.ndarray:
     if isinstance(image, dict):  # datasets' undecoded Image: {"bytes": ..., "path": ...}
         image = Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
     pixels = to_canonical_array(image)  # float32 HxWxC on the 0..255 scale, C in (1, 3)
-    if num_channels == 1 and pixels.shape[-1] == 3:
-        pixels = (pixels @ _LUMINANCE)[..., None]
+    if num_channels == 1:  # colour -> luminance by the processor's rule; grayscale stays one channel either way
+        pixels = match_channels(pixels, 1)
     # HxWxC numpy -> CxHxW tensor
     tensor = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
     size = {"height": image_size, "width": image_size}
