@@ -3,6 +3,7 @@ and a launched app server. Nothing here is a test; the test_app_* modules import
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
@@ -12,6 +13,7 @@ import sys
 import time
 import urllib.request
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -220,3 +222,14 @@ def stop_app(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def served_tiny_checkpoint(home: Path) -> Iterator[str]:
+    """A tiny checkpoint under `home`, served by `app.py` for the duration; yields the URL."""
+    make_checkpoint(home / "checkpoint")
+    process, url = start_app(home / "checkpoint", home)
+    try:
+        yield url
+    finally:
+        stop_app(process)

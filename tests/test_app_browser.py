@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from app_testkit import LABELS, REPO_ROOT, make_checkpoint, start_app, stop_app
+from app_testkit import LABELS, REPO_ROOT, served_tiny_checkpoint
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = [
@@ -36,11 +36,8 @@ def browser():
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory: pytest.TempPathFactory):
-    home = tmp_path_factory.mktemp("app-browser")
-    make_checkpoint(home / "checkpoint")
-    process, url = start_app(home / "checkpoint", home)
-    yield url
-    stop_app(process)
+    with served_tiny_checkpoint(tmp_path_factory.mktemp("app-browser")) as url:
+        yield url
 
 
 def test_upload_shows_label_and_overlay(browser, app_url, tmp_path):

@@ -12,12 +12,10 @@ from app_testkit import (
     NON_RADIOGRAPHS,
     free_port,
     huge_png,
-    make_checkpoint,
     png_bytes,
     rgba_xray_png,
+    served_tiny_checkpoint,
     sixteen_bit_png,
-    start_app,
-    stop_app,
     write,
     xray_as_dicom,
 )
@@ -28,11 +26,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    home = tmp_path_factory.mktemp("app-server")
-    make_checkpoint(home / "checkpoint")
-    process, url = start_app(home / "checkpoint", home)
-    yield url
-    stop_app(process)
+    with served_tiny_checkpoint(tmp_path_factory.mktemp("app-server")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
