@@ -115,7 +115,7 @@ def label_from_ieee8023_finding(finding: str) -> int | None:
 
 
 def _read_csv(path: Path, required: tuple[str, ...], layout: str) -> tuple[list[str], list[tuple[int, dict]]]:
-    """Read a metadata CSV (UTF-8, optional BOM); fail naming the missing columns."""
+    """Read a metadata CSV (UTF-8, optional BOM); fail naming the missing columns, or when it lists no images."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
@@ -134,6 +134,8 @@ def _read_csv(path: Path, required: tuple[str, ...], layout: str) -> tuple[list[
         values = {key: (value or "").strip() for key, value in row.items() if isinstance(key, str)}
         if any(values.values()):
             rows.append((reader.line_num, values))
+    if not rows:
+        raise CorpusError(f"{path} lists no images; add rows or leave {path.parent} out of --source_dir")
     return columns, rows
 
 
@@ -156,8 +158,6 @@ def read_cxr3(source_dir: Path, skip_missing_files: bool = False) -> AdapterResu
     """`metadata.csv` (file,label,patient_group[,source,original_finding,view,license,origin]) + images/<label>/."""
     listing = source_dir / "metadata.csv"
     columns, rows = _read_csv(listing, CXR3_REQUIRED, "cxr3")
-    if not rows:
-        raise CorpusError(f"{listing} lists no images; add rows or leave {source_dir} out of --source_dir")
     result = AdapterResult("cxr3", source_dir)
     absent = [column for column in CXR3_OPTIONAL if column not in columns]
     if absent:
@@ -218,8 +218,6 @@ def read_ieee8023(source_dir: Path, skip_missing_files: bool = False) -> Adapter
     """ieee8023/covid-chestxray-dataset: `metadata.csv` (patientid,finding,view,modality,filename[,folder])."""
     listing = source_dir / "metadata.csv"
     columns, rows = _read_csv(listing, IEEE8023_REQUIRED, "ieee8023")
-    if not rows:
-        raise CorpusError(f"{listing} lists no images; add rows or leave {source_dir} out of --source_dir")
     result = AdapterResult("ieee8023", source_dir)
     missing = []
     for _line, row in rows:
