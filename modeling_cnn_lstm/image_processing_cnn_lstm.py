@@ -129,6 +129,31 @@ def match_channels(pixels: np.ndarray, num_channels: int) -> np.ndarray:
     return (pixels @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None]
 
 
+def pad_box(height: int, width: int, size: dict[str, int]) -> tuple[int, int, int, int]:
+    """Where an HxW image lands in `size` under `resize_mode="pad"`: (top, left, box height, box width), centred."""
+    scale = min(size["height"] / height, size["width"] / width)
+    box_height, box_width = max(1, round(height * scale)), max(1, round(width * scale))
+    return (size["height"] - box_height) // 2, (size["width"] - box_width) // 2, box_height, box_width
+
+
+def resize_tensor(pixels: torch.Tensor, size: dict[str, int], resize_mode: str, pad_value: float) -> torch.Tensor:
+    """CxHxW float tensor -> CxHxW at `size`: bilinear with antialiasing (so downscaling does not alias)."""
+    height, width = size["height"], size["width"]
+    if resize_mode == "stretch":
+        top, left, box_height, box_width = 0, 0, height, width
+    else:
+        top, left, box_height, box_width = pad_box(pixels.shape[1], pixels.shape[2], size)
+    if tuple(pixels.shape[1:]) != (box_height, box_width):
+        pixels = F.interpolate(
+            pixels[None], size=(box_height, box_width), mode="bilinear", antialias=True, align_corners=False
+        )[0]
+    if (box_height, box_width) != (height, width):
+        canvas = torch.full((pixels.shape[0], height, width), float(pad_value), dtype=pixels.dtype)
+        canvas[:, top : top + box_height, left : left + box_width] = pixels
+        pixels = canvas
+    return pixels
+
+
 def _split_batch(images: Any) -> list[Any]:
     """A single image or a batch (list/tuple, 4-D array or tensor) -> list of single images."""
     if isinstance(images, (list, tuple)):
@@ -219,23 +244,6 @@ class CnnLstmImageProcessor(BaseImageProcessor):
         if any(value <= 0 for value in settings["image_std"]):
             raise ValueError(f"image_std must be positive, got {settings['image_std']!r}")
 
-    def resize_tensor(self, pixels: torch.Tensor, size: dict[str, int], resize_mode: str, pad_value: float):
-        """CxHxW float tensor -> CxHxW at `size`: bilinear with antialiasing (so downscaling does not alias)."""
-        height, width = size["height"], size["width"]
-        if resize_mode == "stretch":
-            target = (height, width)
-        else:
-            scale = min(height / pixels.shape[1], width / pixels.shape[2])
-            target = (max(1, round(pixels.shape[1] * scale)), max(1, round(pixels.shape[2] * scale)))
-        if tuple(pixels.shape[1:]) != target:
-            pixels = F.interpolate(pixels[None], size=target, mode="bilinear", antialias=True, align_corners=False)[0]
-        if resize_mode == "pad" and target != (height, width):
-            top, left = (height - target[0]) // 2, (width - target[1]) // 2
-            canvas = torch.full((pixels.shape[0], height, width), float(pad_value), dtype=pixels.dtype)
-            canvas[:, top : top + target[0], left : left + target[1]] = pixels
-            pixels = canvas
-        return pixels
-
     def preprocess(self, images: Any, return_tensors: str | None = "pt", **kwargs: Any) -> BatchFeature:
         """Images (one or a batch) -> `BatchFeature` with `pixel_values` of shape (batch, C, H, W)."""
         settings = {key: kwargs.pop(key, getattr(self, key)) for key in (
@@ -261,7 +269,7 @@ class CnnLstmImageProcessor(BaseImageProcessor):
             # HxWxC numpy -> CxHxW tensor
             tensor = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
             if settings["do_resize"]:
-                tensor = self.resize_tensor(tensor, settings["size"], settings["resize_mode"], settings["pad_value"])
+                tensor = resize_tensor(tensor, settings["size"], settings["resize_mode"], settings["pad_value"])
             if settings["do_rescale"]:
                 tensor = tensor * settings["rescale_factor"]
             if settings["do_normalize"]:

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .image_processing_cnn_lstm import pad_box
+
 try:  # the model package's test for native bfloat16 (AVX512-BF16/AMX); absent in older copies of the package
     from .fast_inference_cnn_lstm import cpu_has_native_bf16
 except ImportError:  # pragma: no cover
@@ -215,10 +217,8 @@ class Explainer:
 def map_to_image(saliency: np.ndarray, height: int, width: int, resize_mode: str = "stretch") -> np.ndarray:
     """A map at the model's input size -> the image's own HxW (undoing the processor's stretch or pad)."""
     model_height, model_width = saliency.shape
-    if resize_mode == "pad":  # the same centred box as CnnLstmImageProcessor.resize_tensor
-        scale = min(model_height / height, model_width / width)
-        box_height, box_width = max(1, round(height * scale)), max(1, round(width * scale))
-        top, left = (model_height - box_height) // 2, (model_width - box_width) // 2
+    if resize_mode == "pad":  # the same centred box as the processor's pad resize
+        top, left, box_height, box_width = pad_box(height, width, {"height": model_height, "width": model_width})
         saliency = saliency[top : top + box_height, left : left + box_width]
     resized = Image.fromarray(np.ascontiguousarray(saliency, dtype=np.float32), mode="F").resize(
         (width, height), Image.BILINEAR

@@ -30,11 +30,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from modeling_cnn_lstm.image_processing_cnn_lstm import CnnLstmImageProcessor, match_channels, to_canonical_array
+from modeling_cnn_lstm.image_processing_cnn_lstm import match_channels, resize_tensor, to_canonical_array
 
 logger = logging.getLogger(__name__)
 CACHE_VERSION = "uint8-v1"
-_RESIZER = CnnLstmImageProcessor()  # only its resize_tensor is used: the processor's exact resize rule
 
 
 def default_cache_dir() -> Path:
@@ -53,7 +52,7 @@ def decode_resize(image: Any, image_size: int, num_channels: int) -> np.ndarray:
     # HxWxC numpy -> CxHxW tensor
     tensor = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
     size = {"height": image_size, "width": image_size}
-    tensor = _RESIZER.resize_tensor(tensor, size, "stretch", 0.0)
+    tensor = resize_tensor(tensor, size, "stretch", 0.0)  # the processor's exact resize rule
     return tensor.round_().clamp_(0, 255).to(torch.uint8).numpy()
 
 
