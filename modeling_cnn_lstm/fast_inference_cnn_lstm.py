@@ -32,12 +32,29 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "bf16", "onnxruntime", "torch")
 
 
-def cpu_has_native_bf16() -> bool:
-    """True where oneDNN runs bfloat16 natively (AVX512-BF16 or AMX); emulated bf16 would be slower than fp32."""
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs that compute bfloat16 natively
+
+
+def cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags as the kernel reports them (empty where /proc/cpuinfo is not readable)."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
-        return False
+        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
+    """True where the CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16 in its flags).
+
+    Not `torch.ops.mkldnn._is_mkldnn_bf16_supported()`: that is also true on AVX-512 CPUs where oneDNN emulates
+    bf16, which makes bf16 2-3x SLOWER than fp32 there (README, "Training on a CPU"). Unknown flags -> False.
+    """
+    flags = cpu_flags() if flags is None else flags
+    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
 
 
 def resolve_backend(backend: str) -> str:

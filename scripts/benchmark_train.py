@@ -3,6 +3,14 @@
     python scripts/benchmark_train.py --model_config paper --batch_size 256 --bf16 --channels_last --torch_compile \
         --num_workers 8 --steps 50 --warmup_steps 15        # on a GPU
     python scripts/benchmark_train.py --model_config train/configs/tiny.json --batch_size 8 --steps 4   # CPU check
+    python scripts/benchmark_train.py --cpu_matrix --device cpu --batch_size 16 --image_size 224 --steps 4 \
+        --warmup_steps 1 --threads 2                                            # CPU settings side by side
+
+With `--cpu_matrix`, the plain loop runs once per CPU setting (`--settings`: eager fp32, channels_last, bf16
+autocast, torch.compile, combinations) and thread count (`--threads`), and each is reported as images/s and as a
+ratio against eager fp32 at the same thread count; the line `precision auto -> ...` says what train/run.py's
+`--cpu_precision auto` picks on this CPU and why (CPU flags, never oneDNN's "bf16 supported", which is also true
+where bf16 is only emulated).
 
 Both paths use the same input pipeline (in-memory uint8 images, one-gather batches, `DeviceBatchTransform` on the
 device with the paper's rotation), the same optimizer (RMSprop, as in train/configs/paper.json), no gradient
@@ -13,6 +21,7 @@ bracketed by device synchronisations. Prints both images/s and the ratio, then o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import tempfile
@@ -29,6 +38,7 @@ from transformers import HfArgumentParser, TrainerCallback, TrainingArguments, s
 
 from modeling_cnn_lstm import CnnLstmConfig, CnnLstmForImageClassification  # noqa: E402
 from train.arguments import ModelArguments  # noqa: E402
+from train.hardware import choose_cpu_precision, cpu_model_name  # noqa: E402
 from train.pipeline import CachedSplit, UInt8ImageDataset, collate_uint8  # noqa: E402
 from train.trainer import batch_transform_for, make_trainer  # noqa: E402
 
@@ -52,15 +62,23 @@ class BenchmarkArguments:
     order: str = field(default="plain,trainer", metadata={"help": "Which path runs first."})
     seed: int = field(default=0, metadata={"help": "Seed."})
     output_json: str | None = field(default=None, metadata={"help": "Also write the summary to this JSON file."})
+    image_size: int | None = field(default=None, metadata={"help": "Override the config's input size."})
+    cpu_matrix: bool = field(default=False, metadata={"help": "Compare CPU settings (plain loop) side by side."})
+    settings: str = field(
+        default="fp32,channels_last,bf16,bf16+channels_last,compile,compile+channels_last",
+        metadata={"help": "With --cpu_matrix: settings, '+'-combined from fp32, channels_last, bf16, compile."},
+    )
+    threads: str = field(default="2", metadata={"help": "With --cpu_matrix: comma-separated torch thread counts."})
 
 
 def model_config(args: BenchmarkArguments) -> CnnLstmConfig:
+    size = {} if args.image_size is None else {"image_size": args.image_size}
     if args.model_config == "paper":
-        return CnnLstmConfig(use_batch_norm=args.use_batch_norm, cpu_inference_backend="torch")
+        return CnnLstmConfig(use_batch_norm=args.use_batch_norm, cpu_inference_backend="torch", **size)
     settings = json.loads(Path(args.model_config).read_text())
     model_fields = set(ModelArguments.__dataclass_fields__)
     model_args = ModelArguments(**{key: value for key, value in settings.items() if key in model_fields})
-    return model_args.build_config(cpu_inference_backend="torch")
+    return model_args.build_config(cpu_inference_backend="torch", **size)
 
 
 def synthetic_split(config: CnnLstmConfig, count: int, seed: int) -> CachedSplit:
@@ -175,11 +193,77 @@ def trainer_path(config: CnnLstmConfig, split: CachedSplit, args: BenchmarkArgum
     return args.steps * args.batch_size / (timer.stopped - timer.started)
 
 
+SETTING_PARTS = {"fp32": {}, "channels_last": {"channels_last": True}, "bf16": {"bf16": True},
+                 "compile": {"torch_compile": True}}  # fmt: skip
+
+
+def parse_setting(setting: str) -> dict[str, bool]:
+    """'bf16+channels_last' -> {"bf16": True, "channels_last": True, "torch_compile": False}."""
+    flags = {"bf16": False, "channels_last": False, "torch_compile": False}
+    for part in setting.strip().split("+"):
+        if part not in SETTING_PARTS:
+            raise ValueError(f"unknown setting {part!r} in {setting!r}; combine {sorted(SETTING_PARTS)} with +")
+        flags.update(SETTING_PARTS[part])
+    return flags
+
+
+def cpu_matrix(args: BenchmarkArguments, config: CnnLstmConfig, split: CachedSplit) -> dict:
+    """The plain loop under each CPU setting and thread count; ratios against eager fp32 at the same threads."""
+    device = torch.device("cpu")
+    settings = [setting.strip() for setting in args.settings.split(",") if setting.strip()]
+    threads = [int(value) for value in args.threads.split(",")]
+    if "fp32" not in settings:
+        settings.insert(0, "fp32")  # the baseline of every ratio
+    for setting in settings:
+        parse_setting(setting)  # fail on a typo before minutes of measuring
+    use_bf16, reason = choose_cpu_precision("auto")
+    print(f"CPU: {cpu_model_name()}; precision auto -> {'bf16' if use_bf16 else 'fp32'} ({reason})")
+    print(f"image size {config.image_size}, batch {args.batch_size}, {args.steps} timed steps after "
+          f"{args.warmup_steps} warm-up step(s), plain loop")  # fmt: skip
+    rows = []
+    for count in threads:
+        torch.set_num_threads(count)
+        baseline = None
+        for setting in settings:
+            flags = parse_setting(setting)
+            run_args = dataclasses.replace(args, **flags)
+            rate = plain_loop(config, split, run_args, device)
+            torch._dynamo.reset()
+            baseline = rate if setting == "fp32" else baseline
+            rows.append({"threads": count, "setting": setting, **flags, "images_per_second": rate})
+        for row in rows:
+            if row["threads"] == count:
+                row["ratio_vs_fp32"] = row["images_per_second"] / baseline
+                print(f"threads {count}  {row['setting']:<24} {row['images_per_second']:7.2f} images/s  "
+                      f"{row['ratio_vs_fp32']:.2f}x")  # fmt: skip
+    summary = {
+        "device": f"CPU ({cpu_model_name()})",
+        "cpu_precision_auto": "bf16" if use_bf16 else "fp32",
+        "cpu_precision_reason": reason,
+        "model_config": args.model_config,
+        "image_size": config.image_size,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "rows": rows,
+        "torch": torch.__version__,
+    }
+    print(json.dumps(summary))
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses(args=argv)
     if args.steps < 1 or args.warmup_steps < 1:
         raise ValueError("--steps and --warmup_steps must be >= 1 (timing starts at the end of a warm-up step)")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.cpu_matrix:
+        if device.type != "cpu":
+            raise ValueError("--cpu_matrix measures CPU settings: pass --device cpu")
+        config = model_config(args)
+        summary = cpu_matrix(args, config, synthetic_split(config, args.num_images, args.seed))
+        if args.output_json:
+            Path(args.output_json).write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
         torch.backends.cudnn.benchmark = True

@@ -59,3 +59,26 @@ def test_benchmark_gpu_options_on_cpu():
     )
     check_output(stdout, summary)
     assert (summary["bf16"], summary["channels_last"], summary["torch_compile"]) == (True, True, True)
+
+
+def test_cpu_matrix_reports_each_setting_against_eager_fp32():
+    stdout, summary = run_benchmark(
+        "--cpu_matrix", "--steps", "2", "--warmup_steps", "1", "--settings", "channels_last,bf16", "--threads", "1"
+    )
+    rows = {row["setting"]: row for row in summary["rows"]}
+    assert list(rows) == ["fp32", "channels_last", "bf16"]  # the fp32 baseline is always measured first
+    assert rows["fp32"]["ratio_vs_fp32"] == 1.0 and rows["bf16"]["bf16"] and not rows["bf16"]["channels_last"]
+    for name, row in rows.items():
+        assert row["images_per_second"] > 0 and row["threads"] == 1
+        assert row["ratio_vs_fp32"] == pytest.approx(row["images_per_second"] / rows["fp32"]["images_per_second"])
+        printed = re.search(rf"threads 1  {name}\s+([\d.]+) images/s  ([\d.]+)x", stdout)
+        assert printed and float(printed.group(1)) == pytest.approx(row["images_per_second"], abs=0.01)
+    auto = re.search(r"precision auto -> (bf16|fp32) \((.+)\)", stdout)
+    assert auto and auto.group(1) == summary["cpu_precision_auto"] and auto.group(2) == summary["cpu_precision_reason"]
+
+
+def test_cpu_matrix_rejects_unknown_settings():
+    command = [sys.executable, "scripts/benchmark_train.py", "--model_config", str(TINY_CONFIG), "--cpu_matrix",
+               "--device", "cpu", "--settings", "fp32,fp16"]  # fmt: skip
+    proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "unknown setting 'fp16'" in proc.stderr

@@ -15,6 +15,7 @@ from typing import Any
 from transformers import HfArgumentParser, TrainingArguments
 
 from modeling_cnn_lstm import CnnLstmConfig
+from train.hardware import CPU_PRECISIONS
 
 SAVE_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -41,6 +42,23 @@ class ModelArguments:
     cudnn_benchmark: bool = field(
         default=False, metadata={"help": "Let cuDNN pick the fastest conv algorithms (fixed input size; CUDA only)."}
     )
+    low_res_image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Progressive resizing: train --low_res_epochs epochs at this input size first, then carry the "
+            "trunk and LSTM over to --image_size (the dense layer after the flatten starts afresh)."
+        },
+    )
+    low_res_epochs: float = field(
+        default=0.0, metadata={"help": "Epochs at --low_res_image_size (0: no low-resolution stage)."}
+    )
+    cpu_precision: str = field(
+        default="auto",
+        metadata={
+            "help": f"On a CPU: one of {CPU_PRECISIONS}; auto = bf16 autocast only where the CPU flags show native "
+            "bf16 (avx512_bf16/amx_bf16), else fp32 (emulated bf16 is slower). Overrides --bf16 on a CPU."
+        },
+    )
     save_dtype: str = field(
         default="float32", metadata={"help": f"dtype of the saved safetensors, one of {SAVE_DTYPES}; loads as fp32."}
     )
@@ -49,6 +67,16 @@ class ModelArguments:
     def __post_init__(self) -> None:
         if self.save_dtype not in SAVE_DTYPES:
             raise ValueError(f"--save_dtype must be one of {SAVE_DTYPES}, got {self.save_dtype!r}")
+        if self.cpu_precision not in CPU_PRECISIONS:
+            raise ValueError(f"--cpu_precision must be one of {CPU_PRECISIONS}, got {self.cpu_precision!r}")
+        if self.low_res_epochs < 0:
+            raise ValueError(f"--low_res_epochs must be >= 0 (0: no low-resolution stage), got {self.low_res_epochs}")
+        size = self.low_res_image_size
+        if self.low_res_epochs > 0 and (size is None or not 0 < size < self.image_size):
+            raise ValueError(
+                f"--low_res_epochs {self.low_res_epochs:g} needs --low_res_image_size between 0 and "
+                f"--image_size {self.image_size}, got {size}"
+            )
         if isinstance(self.block_widths, list):  # a JSON config may give the list itself
             self.block_widths = json.dumps(self.block_widths)
 
@@ -120,6 +148,13 @@ class EvaluationArguments:
     early_stopping_patience: int | None = field(
         default=None, metadata={"help": "Stop after this many evaluations without improvement (recorded)."}
     )
+    selection_window: int = field(
+        default=1,
+        metadata={
+            "help": "Also report eval `macro_f1_smoothed`, the mean validation macro-F1 of the last N evaluations "
+            "(use it as --metric_for_best_model: one lucky epoch on a small validation split then cannot win)."
+        },
+    )
     bootstrap_samples: int = field(default=1000, metadata={"help": "Bootstrap resamples for the 95%% intervals."})
     ece_bins: int = field(default=15, metadata={"help": "Equal-width confidence bins of the ECE."})
     final_model_dir: str | None = field(
@@ -140,6 +175,8 @@ class EvaluationArguments:
             )
         if self.bootstrap_samples < 0:
             raise ValueError("--bootstrap_samples must be >= 0")
+        if self.selection_window < 1:
+            raise ValueError(f"--selection_window must be >= 1, got {self.selection_window}")
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, EvaluationArguments, TrainingArguments)

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 # Folder / metadata label spellings -> canonical class index (DESIGN.md section 2).
 _LABEL_ALIASES = {"covid19": 0, "covid-19": 0, "covid": 0, "normal": 1, "pneumonia": 2}
-REPORT_COLUMNS = ("patient_id", "source", "fold")
+REPORT_COLUMNS = ("patient_id", "source", "fold", "sha256")
 
 
 class DataError(ValueError):

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import copy
 import logging
-import platform
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,18 @@ from train.arguments import DataArguments, EvaluationArguments, ModelArguments
 from train.calibration import fit_temperature
 from train.card import write_model_card
 from train.data import check_dataset, check_folds, load_dataset_dict, select_samples, to_cached_split
-from train.export import METRIC_DIR, atomic_folder, push_folder, push_metric, save_model_files
+from train.epoch_log import LOG_NAME, EpochLogCallback
+from train.export import (
+    METRIC_DIR,
+    atomic_folder,
+    push_folder,
+    push_metric,
+    round_to_save_dtype,
+    save_model_files,
+)
+from train.hardware import choose_cpu_precision, hardware
 from train.pipeline import CachedSplit, default_cache_dir
+from train.progressive import train_low_res
 from train.report import write_report
 from train.trainer import (
     CxrTrainer,
@@ -54,6 +64,9 @@ class RunContext:
     metric: Any
     data_info: dict[str, Any]
     push_to_hub: bool = False  # taken from TrainingArguments: the Trainer itself never pushes checkpoints
+    sources: dict[str, Any] = field(default_factory=dict)  # the selected datasets.Dataset per split (other sizes)
+    cache_dir: Path | None = None
+    precision_reason: str = ""
 
 
 def resolve_resume(training_args: TrainingArguments, output_dir: str | None = None) -> str | None:
@@ -104,10 +117,10 @@ def prepare(
     limits = {splits[0]: data_args.max_train_samples, splits[1]: data_args.max_eval_samples}
     limits[splits[2]] = data_args.max_eval_samples
     cache_dir = None if data_args.no_image_cache else (data_args.image_cache_dir or default_cache_dir())
-    cached = {}
+    cached, sources = {}, {}
     with training_args.main_process_first(desc="image cache"):
         for name, split in zip(("train", "validation", "test"), splits, strict=True):
-            subset = select_samples(dataset[split], limits[split], seed)
+            subset = sources[name] = select_samples(dataset[split], limits[split], seed)
             cached[name] = to_cached_split(
                 subset,
                 config.image_size,
@@ -121,7 +134,24 @@ def prepare(
     data_info = describe_data(cached, label_names, data_args)
     push = bool(training_args.push_to_hub)
     training_args.push_to_hub = False
-    return RunContext(model_args, data_args, eval_args, training_args, label_names, cached, metric, data_info, push)
+    ctx = RunContext(model_args, data_args, eval_args, training_args, label_names, cached, metric, data_info, push)
+    ctx.sources, ctx.cache_dir = sources, cache_dir
+    ctx.precision_reason = choose_precision(model_args, training_args)
+    return ctx
+
+
+def choose_precision(model_args: ModelArguments, training_args: TrainingArguments) -> str:
+    """On a CPU, `--cpu_precision` (auto: bf16 only where the CPU has native bf16) decides bf16 autocast; logged."""
+    if training_args.device.type != "cpu":
+        return "bf16 autocast" if training_args.bf16 else "fp16 autocast" if training_args.fp16 else "fp32"
+    use_bf16, reason = choose_cpu_precision(model_args.cpu_precision)
+    if use_bf16 != training_args.bf16:
+        logger.info("--cpu_precision %s overrides --bf16 %s", model_args.cpu_precision, training_args.bf16)
+    training_args.bf16 = use_bf16
+    training_args.mixed_precision = "bf16" if use_bf16 else "no"
+    choice = f"{'bf16 autocast' if use_bf16 else 'fp32'} on the CPU ({reason})"
+    logger.info("precision: %s", choice)
+    return choice
 
 
 def describe_data(splits: dict[str, CachedSplit], label_names: list[str], data_args: DataArguments) -> dict[str, Any]:
@@ -153,19 +183,30 @@ def fit(
     args: TrainingArguments,
     train_split: CachedSplit,
     eval_split: CachedSplit | None,
+    stage: str | None = None,
+    later_seconds: Callable[[float], float] | None = None,
+    early_stopping: bool = True,
 ) -> tuple[CxrTrainer, dict[str, Any]]:
     """Train with the Trainer (resuming if asked); with an eval split, the best checkpoint is loaded at the end.
 
     `eval_split` chooses the checkpoint and drives early stopping, so numbers measured on it afterwards are
     optimistic: score on data that was neither trained on nor passed here (train/cv.py selects on a separate inner
-    fold).
+    fold). Each evaluation also writes a line to `<run output_dir>/training_log.txt` (train/epoch_log.py).
     """
     callbacks = []
-    if eval_split is not None and ctx.eval_args.early_stopping_patience:
+    if eval_split is not None and ctx.eval_args.early_stopping_patience and early_stopping:
         callbacks.append(EarlyStoppingCallback(ctx.eval_args.early_stopping_patience))
+    stage = stage or f"{model.config.image_size}px"
+    log_path = Path(ctx.training_args.output_dir) / LOG_NAME
+    selection = args.metric_for_best_model if args.load_best_model_at_end else None
+    callbacks.append(EpochLogCallback(log_path, stage, len(train_split), selection, later_seconds))
     transform = batch_transform_for(model.config, ctx.data_args.rotation_degrees, ctx.model_args.channels_last)
-    compute_metrics = build_compute_metrics(ctx.metric, ctx.label_names, ctx.eval_args.ece_bins)
+    compute_metrics = build_compute_metrics(
+        ctx.metric, ctx.label_names, ctx.eval_args.ece_bins, ctx.eval_args.selection_window
+    )
     trainer = make_trainer(model, args, train_split, eval_split, transform, compute_metrics, callbacks)
+    compute_metrics.previous = lambda: [entry["eval_macro_f1"] for entry in trainer.state.log_history
+                                        if "eval_macro_f1" in entry]  # fmt: skip
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resolve_resume(args, args.output_dir))
     stats = dict(output.metrics)
@@ -192,12 +233,6 @@ def _plain(value: Any) -> str:
     return str(getattr(value, "value", value))
 
 
-def hardware() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def run_info(
     ctx: RunContext,
     model: CnnLstmForImageClassification,
@@ -221,7 +256,7 @@ def run_info(
         f"{config.block_dropout} per block); {head}."
     )
     batch = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
-    precision = "bf16 autocast" if args.bf16 else "fp16 autocast" if args.fp16 else "fp32"
+    precision = ctx.precision_reason or ("bf16 autocast" if args.bf16 else "fp16 autocast" if args.fp16 else "fp32")
     counts = "; ".join(
         f"{name} {sum(c.values())} (" + ", ".join(f"{label} {count}" for label, count in c.items()) + ")"
         for name, c in ctx.data_info["class_counts"].items()
@@ -237,6 +272,12 @@ def run_info(
         + (f" / {args.max_steps} steps" if args.max_steps > 0 else "")
         + (
             f"; checkpoint chosen on validation `{args.metric_for_best_model}`"
+            + (
+                f" (mean validation macro-F1 of the last {ctx.eval_args.selection_window} evaluations, the chosen "
+                "checkpoint being the last of them)"
+                if "smoothed" in str(args.metric_for_best_model)
+                else ""
+            )
             if args.load_best_model_at_end
             else "; the last checkpoint kept (no validation data)"
         )
@@ -252,6 +293,16 @@ def run_info(
         f"- Hardware: {hardware()}; training time {stats.get('wall_seconds', 0.0):.1f} s; "
         f"{stats.get('train_samples_per_second', 0.0):.1f} training images/s (Trainer's count, incl. evaluation).",
     ]
+    low_res = stats.get("low_res_stage")
+    if low_res:
+        lines.insert(
+            3,
+            f"- Progressive resizing: first {low_res['epochs']:g} epochs at {low_res['image_size']} px "
+            f"({low_res.get('wall_seconds', 0.0):.0f} s, same optimizer settings, its own schedule, no checkpoint "
+            f"choice), then the trunk, batch norm and LSTM carried over to {config.image_size} px with "
+            f"{', '.join(low_res['reinitialised']) or 'nothing'} initialised afresh (its input size depends on the "
+            f"image size); the epochs above are the {config.image_size} px ones.",
+        )
     return {
         "model_name": Path(args.hub_model_id or ctx.eval_args.final_model_dir or "cnn-lstm-cxr").name,
         "model_id": args.hub_model_id or str(ctx.eval_args.final_model_dir),
@@ -319,9 +370,17 @@ def finalize(
 
 
 def single_run(ctx: RunContext) -> Path | None:
-    """Train on train, choose the checkpoint on validation, calibrate on validation, report on test."""
+    """Train on train (first at low resolution if asked), choose the checkpoint on validation, calibrate on
+    validation, report on test."""
     model, backend = prepare_model(ctx)
+    low_res, histories = None, {}
+    if ctx.model_args.low_res_epochs > 0:
+        low_res, histories[f"{ctx.model_args.low_res_image_size} px stage"] = train_low_res(ctx, model, fit)
     trainer, stats = fit(ctx, model, ctx.training_args, ctx.splits["train"], ctx.splits["validation"])
+    if low_res is not None:
+        stats["low_res_stage"] = low_res
+        stats["wall_seconds"] += low_res.get("wall_seconds", 0.0)
+    round_to_save_dtype(trainer.model, ctx.model_args.save_dtype)  # score exactly the weights that ship
     validation_logits = predict_logits(trainer, ctx.splits["validation"])
     test_logits = predict_logits(trainer, ctx.splits["test"])
     temperature, fitted_on = 1.0, "none (calibration off)"
@@ -331,7 +390,10 @@ def single_run(ctx: RunContext) -> Path | None:
         return None
     model = trainer.accelerator.unwrap_model(trainer.model)
     info = run_info(ctx, model, stats, "single patient-disjoint train/validation/test split")
-    histories = {"training": trainer.state.log_history}
+    offset = low_res["epochs"] if low_res else 0  # one epoch axis across the stages in the training curves
+    history = [dict(entry, epoch=entry["epoch"] + offset) if "epoch" in entry else entry
+               for entry in trainer.state.log_history]  # fmt: skip
+    histories[f"{model.config.image_size} px stage" if histories else "training"] = history
     return finalize(ctx, model, backend, temperature, fitted_on, test_logits, histories, info)
 
 

@@ -47,6 +47,18 @@ def atomic_folder(destination: Path, fill: Callable[[Path], None]) -> Path:
     return destination
 
 
+def round_to_save_dtype(model: torch.nn.Module, save_dtype: str) -> None:
+    """Round the weights in place to what `save_dtype` stores (they stay float32): the model that is scored is then
+    exactly the model that ships in a float16/bfloat16 folder."""
+    dtype = DTYPES[save_dtype]
+    if dtype == torch.float32:
+        return
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.to(dtype).to(tensor.dtype))
+
+
 def save_model_files(
     model: CnnLstmForImageClassification,
     folder: Path,

@@ -7,6 +7,8 @@ intervals resample PATIENTS when patient ids are known (images of one patient ar
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -31,6 +33,7 @@ INTERVAL_KEYS = (
     "ece",
 )
 TABLE_KEYS = ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc")
+PREDICTIONS_FILE = "predictions.csv"
 PLOT_FILES = {
     "confusion_matrix": "confusion_matrix.png",
     "accuracy_curves": "accuracy_curves.png",
@@ -169,9 +172,26 @@ def write_report(
     report["plots"] = {name: PLOT_FILES[name] for name in plots}
     atomic_write_text(report_dir / "metrics.json", json.dumps(report, indent=2))
     atomic_write_text(report_dir / "report.md", render_report_markdown(report))
+    atomic_write_text(report_dir / PREDICTIONS_FILE, predictions_csv(probabilities, labels, names, columns))
     if histories:
         (report_dir / "training_history.json").write_text(json.dumps(histories, indent=1))
     return report
+
+
+def predictions_csv(
+    probabilities: np.ndarray, labels: np.ndarray, label_names: Sequence[str], columns: dict[str, Sequence[Any]]
+) -> str:
+    """One row per evaluated image: identifiers known to the split, true and predicted class, the calibrated
+    probabilities (paired comparisons between models, per-image audits, and the shipped-model check in the tests)."""
+    names = list(label_names)
+    keys = [key for key in ("sha256", "patient_id", "source") if key in columns]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["index", *keys, "label", "predicted", *(f"p_{name}" for name in names)])
+    for index, (row, label) in enumerate(zip(probabilities, labels, strict=True)):
+        identifiers = [columns[key][index] for key in keys]
+        writer.writerow([index, *identifiers, names[label], names[int(np.argmax(row))], *(f"{p:.6f}" for p in row)])
+    return buffer.getvalue()
 
 
 def percent(value: float | None) -> str:

@@ -66,21 +66,39 @@ def flatten_metrics(result: dict[str, Any]) -> dict[str, float]:
     return {key: float(value) for key, value in flat.items()}
 
 
-def build_compute_metrics(metric: Any, label_names: list[str], ece_bins: int) -> Callable[[EvalPrediction], dict]:
-    """`compute_metrics` for the Trainer, backed by the project's `evaluate` module."""
+class ComputeMetrics:
+    """`compute_metrics` for the Trainer, backed by the project's `evaluate` module.
 
-    def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
+    With `selection_window` N > 1 it also returns `macro_f1_smoothed`: the mean macro-F1 of this evaluation and the
+    N - 1 before it, read through `previous()` (the Trainer's log history, which a resumed run restores).
+    """
+
+    def __init__(self, metric: Any, label_names: list[str], ece_bins: int, selection_window: int = 1) -> None:
+        self.metric, self.label_names, self.ece_bins = metric, label_names, ece_bins
+        self.selection_window = selection_window
+        self.previous: Callable[[], list[float]] = list
+
+    def __call__(self, prediction: EvalPrediction) -> dict[str, float]:
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        result = metric.compute(
+        result = self.metric.compute(
             predictions=np.asarray(logits, dtype=np.float64),
             references=np.asarray(prediction.label_ids, dtype=np.int64),
-            label_names=label_names,
+            label_names=self.label_names,
             input_type="logits",
-            ece_bins=ece_bins,
+            ece_bins=self.ece_bins,
         )
-        return flatten_metrics(result)
+        flat = flatten_metrics(result)
+        if self.selection_window > 1:
+            earlier = list(self.previous())[-(self.selection_window - 1) :]
+            values = [*earlier, flat["macro_f1"]]
+            flat["macro_f1_smoothed"] = float(sum(values) / len(values))
+        return flat
 
-    return compute_metrics
+
+def build_compute_metrics(
+    metric: Any, label_names: list[str], ece_bins: int, selection_window: int = 1
+) -> ComputeMetrics:
+    return ComputeMetrics(metric, label_names, ece_bins, selection_window)
 
 
 class CxrTrainer(Trainer):
