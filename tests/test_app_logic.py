@@ -303,7 +303,7 @@ def test_no_model_states(tmp_path, monkeypatch, checkpoint):
     app = CxrDemo.from_source()
     assert app.classifier is None
     for text in ("No trained model is installed", "checkpoints/cnn-lstm-cxr3", "python train/run.py",
-                 "train/configs/paper.json", "--model PATH_OR_HUB_ID", "CNN_LSTM_MODEL", "CNN_LSTM_REVISION"):
+                 "train/configs/paper_cpu.json", "--model PATH_OR_HUB_ID", "CNN_LSTM_MODEL", "CNN_LSTM_REVISION"):
         assert text in app.status
     with pytest.raises(ModelUnavailable, match="No trained model"):
         app.predict("anything.png")

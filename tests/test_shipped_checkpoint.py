@@ -54,7 +54,7 @@ def test_folder_is_float16_shards_that_load_as_float32(report: dict):
     for shard in shards:
         assert shard.stat().st_size <= 15 * 1000**2 + 64 * 1024, shard  # 15 MB shards (+ header)
         with safe_open(shard, "pt") as handle:
-            assert {str(handle.get_slice(name).get_dtype()) for name in handle.keys()} <= {"F16", "I64"}
+            assert {str(handle.get_slice(name).get_dtype()) for name in handle.keys()} <= {"F16", "I64"}  # noqa: SIM118
     for name in ("configuration_cnn_lstm.py", "modeling_cnn_lstm.py", "image_processing_cnn_lstm.py"):
         assert (SHIPPED / name).is_file(), name
     assert json.loads((SHIPPED / "preprocessor_config.json").read_text())["size"] == {"height": 224, "width": 224}

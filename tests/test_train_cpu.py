@@ -213,3 +213,11 @@ def test_killed_run_resumes_with_the_same_command_to_the_same_weights(tiny_corpu
     assert {("32", str(e)) for e in range(1, 5)} <= {(m.group(1), m.group(2)) for m in epochs}
     straight_lines = [line for line in (straight / "training_log.txt").read_text().splitlines() if " | " in line]
     assert len(straight_lines) == 7 and all(LOG_LINE.match(line) for line in straight_lines)
+
+
+def test_progressive_resizing_is_refused_with_cross_validation(tmp_path: Path):
+    argv = tiny_args(tmp_path / "unused", tmp_path / "out", "--cross_validation", "3", "--low_res_image_size", "16",
+                     "--low_res_epochs", "1")  # fmt: skip
+    with pytest.raises(ValueError, match="not supported with --cross_validation"):
+        run_main(argv)
+    assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -405,6 +405,8 @@ def run(
 ) -> Path | None:
     if training_args.push_to_hub and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id")
+    if eval_args.cross_validation and model_args.low_res_epochs > 0:
+        raise ValueError("--low_res_epochs (progressive resizing) is not supported with --cross_validation")
     if eval_args.final_model_dir is None:
         eval_args.final_model_dir = str(Path(training_args.output_dir) / "final")
     ctx = prepare(model_args, data_args, eval_args, training_args)
