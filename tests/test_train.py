@@ -145,10 +145,10 @@ def test_cross_validation_on_folds(tiny_corpus3: Path, tmp_path: Path, monkeypat
 
     real_fit, real_predict = train.cv.fit, train.cv.predict_logits
 
-    def fit(ctx, model, args, train_split, eval_split):
+    def fit(ctx, model, args, train_split, eval_split, **kwargs):
         record("train", train_split)
         record("select", eval_split)
-        return real_fit(ctx, model, args, train_split, eval_split)
+        return real_fit(ctx, model, args, train_split, eval_split, **kwargs)
 
     def predict_logits(trainer, split):
         record("predict", split)
@@ -187,6 +187,10 @@ def test_cross_validation_on_folds(tiny_corpus3: Path, tmp_path: Path, monkeypat
     for fold in (0, 1, 2):
         assert (output_dir / f"fold-{fold}" / "fold_result.json").is_file()
         assert not list((output_dir / f"fold-{fold}").glob("checkpoint-*"))
+    log = (output_dir / "training_log.txt").read_text()  # one file for the whole CV run, each line says its model
+    for fold in (0, 1, 2):
+        assert re.search(rf"fold {fold} epoch [\d.]+/[\d.]+ \| train loss [\d.]+ \| val macro-F1 [\d.]+ \|", log)
+    assert re.search(r"final model \(all non-test data\) epoch [\d.]+/[\d.]+ \| .* \| val macro-F1 n/a", log), log
     report = json.loads((final / "report" / "metrics.json").read_text())
     assert report["calibration"]["fitted_on"] == "out-of-fold cross-validation"
     assert report["cross_validation"]["k"] == 3

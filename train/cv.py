@@ -83,7 +83,7 @@ def run_fold(ctx: RunContext, pooled: CachedSplit, fold: int, folds: np.ndarray,
     args = copy.copy(ctx.training_args)
     args.output_dir = str(fold_dir)
     model, _ = prepare_model(ctx)
-    trainer, stats = fit(ctx, model, args, train_split, selection)  # checkpoint + early stopping on `selection`
+    trainer, stats = fit(ctx, model, args, train_split, selection, stage=f"fold {fold}")  # selection: checkpoint, stop
     temperature = 1.0
     if ctx.eval_args.calibrate:
         temperature = fit_temperature(predict_logits(trainer, selection), selection.labels)
@@ -161,7 +161,7 @@ def cross_validate(ctx: RunContext) -> Path | None:
     if best_epochs and args.max_steps <= 0:
         args.num_train_epochs = max(1, math.ceil(float(np.median(best_epochs))))
     model, backend = prepare_model(ctx)
-    trainer, stats = fit(ctx, model, args, pooled, None)
+    trainer, stats = fit(ctx, model, args, pooled, None, stage="final model (all non-test data)")
     test_logits = predict_logits(trainer, ctx.splits["test"])
     temperature, fitted_on = 1.0, "none (calibration off)"
     if ctx.eval_args.calibrate:

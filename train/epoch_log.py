@@ -12,7 +12,6 @@ to come (progressive resizing: the 224 px stage, estimated from the low-resoluti
 from __future__ import annotations
 
 import datetime
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,10 @@ from typing import Any
 from transformers import TrainerCallback
 
 LOG_NAME = "training_log.txt"
+
+
+def _plain(value: Any) -> str:
+    return str(getattr(value, "value", value))
 
 
 def _clock(seconds: float) -> str:
@@ -66,7 +69,15 @@ class EpochLogCallback(TrainerCallback):
             self.last_loss = float(logs["loss"])
 
     def on_evaluate(self, args, state, control, metrics: dict[str, float] | None = None, **kwargs: Any) -> None:
-        if not state.is_world_process_zero or metrics is None or self.previous_time is None:
+        if metrics is not None:
+            self._write_epoch(args, state, metrics)
+
+    def on_epoch_end(self, args, state, control, **kwargs: Any) -> None:
+        if _plain(args.eval_strategy) == "no":  # no validation data (CV's final model): still one line per epoch
+            self._write_epoch(args, state, {})
+
+    def _write_epoch(self, args, state, metrics: dict[str, float]) -> None:
+        if not state.is_world_process_zero or self.previous_time is None:
             return
         now, epoch = time.time(), float(state.epoch or 0.0)
         epochs_done = max(epoch - self.previous_epoch, 1e-9)
@@ -77,11 +88,11 @@ class EpochLogCallback(TrainerCallback):
         remaining = max(args.num_train_epochs - epoch, 0.0) * mean_epoch
         if self.later_seconds is not None:
             remaining += self.later_seconds(mean_epoch)
-        f1 = metrics.get("eval_macro_f1", math.nan)
+        f1 = metrics.get("eval_macro_f1")
         parts = [
             f"{self._now()} {self.stage} epoch {epoch:g}/{args.num_train_epochs:g}",
             f"train loss {self.last_loss:.4f}" if self.last_loss is not None else "train loss n/a",
-            f"val macro-F1 {f1:.4f}",
+            f"val macro-F1 {f1:.4f}" if f1 is not None else "val macro-F1 n/a (no validation data)",
         ]
         key = f"eval_{self.selection_metric}" if self.selection_metric else None
         if key and key != "eval_macro_f1" and key in metrics:
