@@ -191,14 +191,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_app(model: Path, home: Path, timeout: float = 240) -> tuple[subprocess.Popen, str]:
-    """`python app.py --model MODEL --port N` in a subprocess, offline, one thread; returns (process, url)."""
+def start_app(model: Path | None, home: Path, timeout: float = 240) -> tuple[subprocess.Popen, str]:
+    """`python app.py --model MODEL --port N` in a subprocess, offline, one thread; returns (process, url).
+    `model=None`: no --model, i.e. what `python app.py` serves on a fresh clone (checkpoints/cnn-lstm-cxr3)."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(home), "OMP_NUM_THREADS": "1",
            "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(home / "gradio"), "PYTHONUNBUFFERED": "1"}
     env.pop("CNN_LSTM_MODEL", None)
     log = (home / "server.log").open("w")
-    process = subprocess.Popen([sys.executable, "app.py", "--model", str(model), "--port", str(port)],
+    model_args = [] if model is None else ["--model", str(model)]
+    process = subprocess.Popen([sys.executable, "app.py", *model_args, "--port", str(port)],
                                cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from safetensors import safe_open
 
@@ -120,3 +121,42 @@ def _undecoded():
     from datasets import Image
 
     return Image(decode=False)
+
+
+@pytest.mark.slow
+def test_python_app_py_serves_the_trained_model(report: dict, tmp_path: Path):
+    """`python app.py` with no arguments (a fresh clone) serves this checkpoint: the example images get the same
+    calibrated probabilities as the model computes here, and Grad-CAM returns an overlay."""
+    import torch
+    from app_testkit import start_app, stop_app
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    from modeling_cnn_lstm import CnnLstmForImageClassification, CnnLstmImageProcessor
+
+    model = CnnLstmForImageClassification.from_pretrained(SHIPPED).eval()
+    model.config.cpu_inference_backend = "torch"
+    processor = CnnLstmImageProcessor.from_pretrained(SHIPPED)
+    examples = sorted((REPO_ROOT / "examples").glob("*.jpg"))[:3]
+    process, url = start_app(None, tmp_path)
+    try:
+        client = Client(url, verbose=False)
+        for path in examples:
+            label, summary = client.predict(handle_file(str(path)), api_name="/predict")
+            served = {item["label"]: item["confidence"] for item in label["confidences"]}
+            with Image.open(path) as image, torch.no_grad():
+                inputs = processor(image.convert("L"), return_tensors="pt")
+                expected = model(**inputs).logits.softmax(-1)[0].tolist()  # the config's temperature applied
+            for name, probability in zip(LABELS, expected, strict=True):
+                assert served[name] == pytest.approx(probability, abs=2e-3), (path.name, name)
+            assert label["label"] == LABELS[int(torch.tensor(expected).argmax())]
+            assert label["label"] in summary and "not for diagnosis" in summary
+        overlay, note = client.predict(
+            handle_file(str(examples[0])), "Grad-CAM", "Predicted class", api_name="/explain"
+        )
+        with Image.open(overlay) as image:  # the trained model's map colours part of the grayscale film
+            pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
+        coloured = (pixels.max(axis=2) - pixels.min(axis=2)) > 30
+        assert coloured.mean() > 0.01 and "Grad-CAM" in note
+    finally:
+        stop_app(process)
