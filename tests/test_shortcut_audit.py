@@ -88,3 +88,20 @@ def test_interpretation_flags_a_shortcut(audit):
     assert "depends on the lung fields" in audit.interpret(honest, 3)
     untrained = {"original": condition(0.34), "lungs_masked": condition(0.34), "lungs_only": condition(0.34)}
     assert "near chance" in audit.interpret(untrained, 3)
+    assert "class-level shortcut" not in audit.interpret(honest, 3)
+
+
+def test_interpretation_flags_a_class_that_needs_no_lungs(audit):
+    """Overall accuracy near chance with the lungs masked, but one class still found: the shipped model's case."""
+    def condition(accuracy: float, covid: float, normal: float, pneumonia: float) -> dict:
+        return {"accuracy": accuracy, "sensitivity": {"COVID-19": covid, "Normal": normal, "Pneumonia": pneumonia}}
+
+    conditions = {
+        "original": condition(0.73, 0.90, 0.65, 0.64),
+        "lungs_masked": condition(0.445, 0.82, 0.49, 0.03),
+        "lungs_only": condition(0.34, 0.99, 0.02, 0.0),
+    }
+    text = audit.interpret(conditions, 3)
+    assert "class-level shortcut" in text and "COVID-19 90% -> 82%" in text and "Normal" not in text.split("(")[2]
+    conditions["lungs_masked"] = condition(0.40, 0.50, 0.49, 0.20)  # every class falls: no class-level shortcut
+    assert "class-level shortcut" not in audit.interpret(conditions, 3)
