@@ -212,8 +212,7 @@ def cpu_matrix(args: BenchmarkArguments, config: CnnLstmConfig, split: CachedSpl
     device = torch.device("cpu")
     settings = [setting.strip() for setting in args.settings.split(",") if setting.strip()]
     threads = [int(value) for value in args.threads.split(",")]
-    if "fp32" not in settings:
-        settings.insert(0, "fp32")  # the baseline of every ratio
+    settings = ["fp32", *(setting for setting in settings if setting != "fp32")]  # the baseline of every ratio first
     for setting in settings:
         parse_setting(setting)  # fail on a typo before minutes of measuring
     use_bf16, reason = choose_cpu_precision("auto")
@@ -229,13 +228,11 @@ def cpu_matrix(args: BenchmarkArguments, config: CnnLstmConfig, split: CachedSpl
             run_args = dataclasses.replace(args, **flags)
             rate = plain_loop(config, split, run_args, device)
             torch._dynamo.reset()
-            baseline = rate if setting == "fp32" else baseline
-            rows.append({"threads": count, "setting": setting, **flags, "images_per_second": rate})
-        for row in rows:
-            if row["threads"] == count:
-                row["ratio_vs_fp32"] = row["images_per_second"] / baseline
-                print(f"threads {count}  {row['setting']:<24} {row['images_per_second']:7.2f} images/s  "
-                      f"{row['ratio_vs_fp32']:.2f}x")  # fmt: skip
+            baseline = rate if setting == "fp32" else baseline  # fp32 runs first: every ratio is known at once
+            row = {"threads": count, "setting": setting, **flags, "images_per_second": rate,
+                   "ratio_vs_fp32": rate / baseline}  # fmt: skip
+            rows.append(row)
+            print(f"threads {count}  {setting:<24} {rate:7.2f} images/s  {row['ratio_vs_fp32']:.2f}x", flush=True)
     summary = {
         "device": f"CPU ({cpu_model_name()})",
         "cpu_precision_auto": "bf16" if use_bf16 else "fp32",
