@@ -18,12 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_utils import IntervalStrategy
 
 LOG_NAME = "training_log.txt"
-
-
-def _plain(value: Any) -> str:
-    return str(getattr(value, "value", value))
 
 
 def _clock(seconds: float) -> str:
@@ -73,7 +70,7 @@ class EpochLogCallback(TrainerCallback):
             self._write_epoch(args, state, metrics)
 
     def on_epoch_end(self, args, state, control, **kwargs: Any) -> None:
-        if _plain(args.eval_strategy) == "no":  # no validation data (CV's final model): still one line per epoch
+        if args.eval_strategy == IntervalStrategy.NO:  # no validation data (CV final model): a line per epoch anyway
             self._write_epoch(args, state, {})
 
     def _write_epoch(self, args, state, metrics: dict[str, float]) -> None:

@@ -66,10 +66,6 @@ def train_low_res(
     folder = stage_dir(ctx.training_args.output_dir, size)
     config = copy.deepcopy(model.config)
     config.image_size = size
-    set_seed(ctx.training_args.seed)
-    low = CnnLstmForImageClassification(config)
-    if ctx.model_args.channels_last:
-        low = low.to(memory_format=torch.channels_last)
     done = folder / DONE
     if (done / "config.json").is_file():
         logger.info("low-resolution stage already finished: loading %s", done)
@@ -77,6 +73,10 @@ def train_low_res(
         stats = dict(low.config.to_dict().get("low_res_stats") or {})
         history = json.loads((done / HISTORY).read_text())
     else:
+        set_seed(ctx.training_args.seed)
+        low = CnnLstmForImageClassification(config)
+        if ctx.model_args.channels_last:
+            low = low.to(memory_format=torch.channels_last)
         splits = {
             name: to_cached_split(
                 ctx.sources[name],
