@@ -2,14 +2,18 @@
 
     python app.py [--model PATH_OR_HUB_ID] [--revision REV] [--port N] [--host ADDRESS]
 
-Without --model the app serves $CNN_LSTM_MODEL (+ $CNN_LSTM_REVISION), else checkpoints/cnn-lstm-cxr3. The logic
-lives in modeling_cnn_lstm/demo.py; `demo` is built at import so that Hugging Face Spaces and `gradio app.py` find it.
+Without --model the app serves $CNN_LSTM_MODEL (+ $CNN_LSTM_REVISION), else checkpoints/cnn-lstm-cxr3 beside this
+file. The app's code is the cxr_app package (cxr_app/demo.py); `demo` is built at import so that Hugging Face
+Spaces and `gradio app.py` find it.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
+
+HOME = Path(__file__).resolve().parent  # holds checkpoints/ and examples/ (in the repository and in the Space)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -24,9 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 ARGS = parse_args() if __name__ == "__main__" else None
 
-from modeling_cnn_lstm.demo import build_demo, launch  # noqa: E402 - after argument parsing: --help stays fast
+from cxr_app.demo import build_demo, launch  # noqa: E402 - after argument parsing: --help stays fast
 
-demo = build_demo(model=ARGS.model, revision=ARGS.revision) if ARGS else build_demo()
+demo = build_demo(model=ARGS.model, revision=ARGS.revision, home=HOME) if ARGS else build_demo(home=HOME)
 
 if __name__ == "__main__":
     launch(demo, port=ARGS.port, host=ARGS.host)

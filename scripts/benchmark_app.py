@@ -13,7 +13,6 @@ predict + Grad-CAM <= 1.5 s, IG and Occlusion <= 15 s, no errors with 8 users.
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import threading
 import time
@@ -25,12 +24,10 @@ import numpy as np
 import torch
 from transformers import HfArgumentParser
 
+from cxr_app.demo import DEFAULT_CHECKPOINT, CxrDemo, build_demo, launch
+from cxr_app.saliency import GRAD_CAM, INTEGRATED_GRADIENTS, OCCLUSION
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from modeling_cnn_lstm.demo import DEFAULT_CHECKPOINT, CxrDemo, build_demo, launch  # noqa: E402
-from modeling_cnn_lstm.saliency import GRAD_CAM, INTEGRATED_GRADIENTS, OCCLUSION  # noqa: E402
-
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "cxr3"
 TARGETS = {"predict": 0.5, f"predict + {GRAD_CAM}": 1.5, f"predict + {INTEGRATED_GRADIENTS}": 15.0,
            f"predict + {OCCLUSION}": 15.0}

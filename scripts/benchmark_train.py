@@ -23,24 +23,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(_REPO_ROOT))
+import numpy as np
+import torch
+from transformers import HfArgumentParser, TrainerCallback, TrainingArguments, set_seed
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from transformers import HfArgumentParser, TrainerCallback, TrainingArguments, set_seed  # noqa: E402
-
-from modeling_cnn_lstm import CnnLstmConfig, CnnLstmForImageClassification  # noqa: E402
-from train.arguments import ModelArguments  # noqa: E402
-from train.hardware import choose_cpu_precision, cpu_model_name  # noqa: E402
-from train.pipeline import CachedSplit, UInt8ImageDataset, collate_uint8  # noqa: E402
-from train.trainer import batch_transform_for, make_trainer  # noqa: E402
+from modeling_cnn_lstm import CnnLstmConfig, CnnLstmForImageClassification
+from train.training.arguments import ModelArguments
+from train.training.hardware import choose_cpu_precision, cpu_model_name
+from train.training.input_pipeline import CachedSplit, UInt8ImageDataset, collate_uint8
+from train.training.trainer import batch_transform_for, make_trainer
 
 
 @dataclass

@@ -4,10 +4,11 @@
     python scripts/push_space.py --space_id USER/cnn-lstm-cxr --checkpoint runs/paper/final
     python scripts/push_space.py --output_dir /tmp/space --dry_run             # assemble only, to inspect
 
-The Space holds exactly what the app needs: app.py, the modeling_cnn_lstm package (model + app modules), the
-example X-rays with their credits, the checkpoint folder if there is one (as checkpoints/cnn-lstm-cxr3, which the app
-serves by default), space/README.md (Space metadata) as README.md and space/requirements.txt. Without a checkpoint
-the Space starts and says that no trained model is installed (or set the Space variable CNN_LSTM_MODEL).
+The Space holds exactly what the app needs: app.py, the modeling_cnn_lstm package (the model), the cxr_app package
+(the app), the example X-rays with their credits, the checkpoint folder if there is one (as
+checkpoints/cnn-lstm-cxr3, which the app serves by default), space/README.md (Space metadata) as README.md and
+space/requirements.txt. Without a checkpoint the Space starts and says that no trained model is installed (or set
+the Space variable CNN_LSTM_MODEL).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def assemble_space(destination: Path, checkpoint: Path | None) -> list[str]:
     shutil.copy2(REPO_ROOT / "space" / "README.md", destination / "README.md")
     shutil.copy2(REPO_ROOT / "space" / "requirements.txt", destination / "requirements.txt")
     _copy_files(REPO_ROOT / "modeling_cnn_lstm", destination / "modeling_cnn_lstm", ("*.py",))
+    _copy_files(REPO_ROOT / "cxr_app", destination / "cxr_app", ("*.py",))
     _copy_files(REPO_ROOT / "examples", destination / "examples", ("*.jpg", "*.png", "*.dcm", "CREDITS.md"))
     if checkpoint is not None:
         if not (checkpoint / "config.json").is_file():

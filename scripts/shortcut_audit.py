@@ -30,17 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _REPO_ROOT / "scripts"]
-sys.path.insert(0, str(_REPO_ROOT))
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser  # noqa: E402
-
-from train.data import load_split  # noqa: E402
-from train.metrics.cxr_metrics.cxr_metrics import compute_classification_metrics  # noqa: E402
+from train.metrics.cxr_metrics.cxr_metrics import compute_classification_metrics
+from train.training.dataset_loading import load_split
 
 logger = logging.getLogger("shortcut_audit")
 
@@ -67,8 +63,8 @@ class AuditArguments:
     cpu_inference_backend: str = field(
         default="torch",
         metadata={
-            "help": "CPU forward pass. Default torch: exact fp32 PyTorch, the same as scripts/evaluate.py, whatever "
-            "the checkpoint stores (its 'auto' would mean bf16 on CPUs with native bf16)."
+            "help": "CPU forward pass. Default torch: exact fp32 PyTorch, the same as scripts/evaluate_checkpoint.py, "
+            "whatever the checkpoint stores (its 'auto' would mean bf16 on CPUs with native bf16)."
         },
     )
 

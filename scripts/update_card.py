@@ -14,19 +14,13 @@ place with `os.replace`, so an interrupted update never leaves a truncated card 
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# scripts/evaluate.py would shadow the `evaluate` library: drop this folder from sys.path, add the repository root.
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _REPO_ROOT / "scripts"]
-sys.path.insert(0, str(_REPO_ROOT))
+from transformers import HfArgumentParser
 
-from transformers import HfArgumentParser  # noqa: E402
-
-from train.card import DEFAULT_TEMPLATE, card_context, render_model_card  # noqa: E402
-from train.report import atomic_write_text, render_report_markdown  # noqa: E402
+from train.training.model_card import DEFAULT_TEMPLATE, card_context, render_model_card
+from train.training.report import atomic_write_text, render_report_markdown
 
 
 @dataclass

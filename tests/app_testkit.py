@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from model_testkit import save_tiny_checkpoint
 from PIL import Image, ImageDraw, ImageFilter
 
 from modeling_cnn_lstm import CnnLstmForImageClassification
+from tests.model_testkit import save_tiny_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["COVID-19", "Normal", "Pneumonia"]

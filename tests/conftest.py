@@ -1,6 +1,7 @@
 """Every test runs offline, in a throwaway Hugging Face home, on one CPU thread."""
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -37,6 +38,22 @@ def xray_paths(cxr3_dir: Path) -> dict[str, list[Path]]:
     """A few real X-rays per folder label, in a fixed order."""
     labels = ("covid19", "normal", "pneumonia")
     return {label: sorted((cxr3_dir / "images" / label).glob("*.jpg"))[:4] for label in labels}
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """Import an entry-point script (`scripts/x.py`, `train/run.py`) by its path, as `python x.py` would run it."""
+    import importlib.util
+
+    def load(relative_path: str):
+        path = REPO_ROOT / relative_path
+        spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -14,7 +14,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from hub_standin import HubStandIn, hub_env, hub_standin_fixture, run_python  # noqa: F401 - registers the fixture
+
+from tests.hub_standin import HubStandIn, hub_env, hub_standin_fixture, run_python  # noqa: F401 - registers the fixture
 
 USER = "standin-user"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import shutil
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -56,7 +55,7 @@ def make_dataset_dict(folder: Path, label_names: list[str] | None = None, num_fo
     """Patient-grouped train (folds 1..k-1) / validation (fold 0) / test DatasetDict with the builder's features."""
     from datasets import ClassLabel, Dataset, DatasetDict
 
-    from train.corpus import corpus_features
+    from train.corpus.build import corpus_features
 
     with open(folder / "metadata.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
@@ -96,8 +95,6 @@ def tiny_args(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
 
 def run_main(argv: list[str]) -> Path | None:
     """`python train/run.py ARGV` in this process (the modules are imported once for all tests)."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
     from train.run import main
 
     return main(argv)

@@ -4,7 +4,7 @@
     python train/run.py --config train/configs/tiny.json --data_dir CORPUS --output_dir /tmp/tiny   # CPU smoke
     torchrun --nproc_per_node 2 train/run.py --config ...    # or: accelerate launch train/run.py --config ...
 
-Flags: every field of ModelArguments, DataArguments, EvaluationArguments (train/arguments.py) and
+Flags: every field of ModelArguments, DataArguments, EvaluationArguments (train/training/arguments.py) and
 transformers.TrainingArguments; `--config FILE.json` gives defaults that command-line flags override.
 """
 
@@ -14,15 +14,10 @@ import logging
 import sys
 from pathlib import Path
 
-# `python train/run.py` puts train/ first on sys.path; the project's packages are imported from the repository root.
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _REPO_ROOT / "train"]
-sys.path.insert(0, str(_REPO_ROOT))
+import transformers
 
-import transformers  # noqa: E402
-
-from train.arguments import parse_args  # noqa: E402
-from train.experiment import run  # noqa: E402
+from train.training.arguments import parse_args
+from train.training.experiment import run
 
 
 def main(argv: list[str] | None = None) -> Path | None:

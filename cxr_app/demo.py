@@ -1,0 +1,374 @@
+"""The Gradio app: model loading with plain messages, the `predict` and `explain` functions, and the UI.
+
+`CxrDemo.predict` / `CxrDemo.explain` are what the UI and the `/predict` and `/explain` API endpoints call (and what
+the tests and scripts/benchmark_app.py time). Every failure reaches the user as a `gr.Error` with a sentence, never
+as a traceback, and the server keeps serving. Without a trained checkpoint the app starts and says how to get one.
+
+Where the default checkpoint and the example X-rays are: under the app's home folder, the one that holds
+`checkpoints/` and `examples/`. `app.py` passes its own folder; without one the current directory is used, so an
+installed (non-editable) copy of this package never looks inside site-packages for them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from modeling_cnn_lstm.image_processing_cnn_lstm import CnnLstmImageProcessor
+
+from . import guardrails
+from .saliency import GRAD_CAM, INTEGRATED_GRADIENTS, METHODS, OCCLUSION, Explainer, SaliencySettings, render_overlay
+from .uploads import ACCEPTED_SUFFIXES, InputError, LoadedImage, read_upload
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_SUBDIR = Path("checkpoints") / "cnn-lstm-cxr3"  # the trained model, relative to the app's home
+EXAMPLES_SUBDIR = Path("examples")
+ENV_MODEL, ENV_REVISION, ENV_DEVICE = "CNN_LSTM_MODEL", "CNN_LSTM_REVISION", "CNN_LSTM_DEVICE"
+PREDICTED = "Predicted class"
+TRAIN_COMMAND = (  # the CPU recipe (about 2 hours on 2 cores); train/configs/paper.json is the GPU one
+    "python train/run.py --config train/configs/paper_cpu.json --data_dir ../shared/data/cxr3 "
+    "--output_dir runs/cnn-lstm-cxr3-cpu --final_model_dir checkpoints/cnn-lstm-cxr3"
+)
+DISCLAIMER = (
+    "**Research use only — not for diagnosis.** This demo and its model are not medical devices. The model was "
+    "trained on a small public collection whose classes differ by source and patient age, so it can be right for the "
+    "wrong reasons. Never use its output for clinical decisions."
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelUnavailable(RuntimeError):
+    """No usable model; the message tells the user what to do."""
+
+
+def no_model_message(reason: str) -> str:
+    return (
+        f"**No trained model is installed.** {reason}\n\n"
+        f"Train one: `{TRAIN_COMMAND}` (writes `checkpoints/cnn-lstm-cxr3`, the folder this app serves by default), "
+        f"or point the app to a checkpoint: `python app.py --model PATH_OR_HUB_ID`, or set `{ENV_MODEL}` "
+        f"(and `{ENV_REVISION}` for a Hub revision)."
+    )
+
+
+def app_home(home: str | Path | None = None) -> Path:
+    """The folder holding `checkpoints/` and `examples/`: `home` when given (app.py passes its own folder), else the
+    current directory."""
+    return Path(home).resolve() if home is not None else Path.cwd()
+
+
+def default_checkpoint(home: str | Path | None = None) -> Path:
+    return app_home(home) / CHECKPOINT_SUBDIR
+
+
+def resolve_source(
+    model: str | None = None, revision: str | None = None, home: str | Path | None = None
+) -> tuple[str, str | None]:
+    """`--model` beats the environment, which beats the checkpoint folder under the app's home."""
+    source = model or os.environ.get(ENV_MODEL) or str(default_checkpoint(home))
+    return source, revision or os.environ.get(ENV_REVISION) or None
+
+
+@dataclass
+class LoadedClassifier:
+    model: torch.nn.Module
+    processor: CnnLstmImageProcessor
+    explainer: Explainer
+    labels: list[str]
+    source: str
+    black: torch.Tensor  # the processor's output for a black image: the IG baseline
+
+    @property
+    def temperature(self) -> float:
+        return float(self.model.config.calibration_temperature)
+
+
+def load_classifier(source: str, revision: str | None = None, settings: SaliencySettings | None = None):
+    """A local checkpoint folder or Hub id -> `LoadedClassifier`; `ModelUnavailable` with a user message otherwise.
+    Our own classes load it (never remote code): the app runs only the code it ships with."""
+    from transformers import AutoConfig
+
+    from modeling_cnn_lstm.modeling_cnn_lstm import CnnLstmForImageClassification
+
+    path = Path(source).expanduser()
+    if path.parts[-2:] == CHECKPOINT_SUBDIR.parts and not path.is_dir():
+        raise ModelUnavailable(no_model_message("The default folder `checkpoints/cnn-lstm-cxr3` is not there yet."))
+    if path.exists() and not (path / "config.json").is_file():
+        raise ModelUnavailable(no_model_message(f"`{source}` has no config.json: it is not a checkpoint folder."))
+    if not path.exists() and not _HUB_ID.match(source):
+        raise ModelUnavailable(no_model_message(f"`{source}` is neither a folder nor a Hub id (owner/name)."))
+    at = f" at revision {revision}" if revision else ""
+    try:
+        config = AutoConfig.from_pretrained(source, revision=revision)
+        if config.model_type != "cnn_lstm":
+            raise ModelUnavailable(no_model_message(f"`{source}` is a {config.model_type} model, not a CNN-LSTM."))
+        model = CnnLstmForImageClassification.from_pretrained(source, revision=revision)
+    except ModelUnavailable:
+        raise
+    except Exception as error:  # noqa: BLE001 - offline, missing repo, damaged weights: say which, keep running
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelUnavailable(no_model_message(f"Loading `{source}`{at} failed: {first_line}")) from None
+    try:
+        processor = CnnLstmImageProcessor.from_pretrained(source, revision=revision)
+    except Exception:  # noqa: BLE001 - a folder without preprocessor_config.json: the config has what is needed
+        processor = CnnLstmImageProcessor.from_model_config(model.config)
+    if (processor.size["height"], processor.size["width"]) != (model.config.image_size,) * 2:
+        raise ModelUnavailable(
+            no_model_message(
+                f"`{source}`{at} is inconsistent: its processor resizes to {processor.size['height']}x"
+                f"{processor.size['width']} but the model takes {model.config.image_size}x{model.config.image_size}."
+            )
+        )
+    device = os.environ.get(ENV_DEVICE) or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = model.to(device).eval()
+        explainer = Explainer(model, settings)
+        black = processor(np.zeros((8, 8, 1), np.float32), return_tensors="pt")["pixel_values"][:, :, :1, :1]
+        size = processor.size
+        black = black.expand(1, -1, size["height"], size["width"]).contiguous()
+        # warm-up: builds the fast CPU runner (bf16 copy or ONNX export) before users come
+        with torch.inference_mode():
+            model(pixel_values=black.to(device))
+    except Exception as error:  # noqa: BLE001 - a bad device setting or a broken checkpoint: say so, keep running
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = f"Preparing `{source}`{at} on {device} failed: {first_line}"
+        raise ModelUnavailable(no_model_message(reason)) from None
+    labels = [model.config.id2label[index] for index in range(model.config.num_labels)]
+    logger.info("serving %s%s on %s", source, at, device)
+    return LoadedClassifier(model, processor, explainer, labels, f"{source}{at}", black)
+
+
+def _as_user_error(action: str) -> Callable:
+    """Every exception leaves as a gr.Error with a sentence; unexpected ones are logged with their traceback here."""
+    import gradio as gr
+
+    def decorator(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return function(*args, **kwargs)
+            except gr.Error:
+                raise
+            except InputError as error:
+                raise gr.Error(str(error), title="Cannot use this file", print_exception=False) from None
+            except ModelUnavailable as error:
+                raise gr.Error(str(error), title="No model", print_exception=False) from None
+            except (MemoryError, torch.OutOfMemoryError):
+                raise gr.Error(f"Out of memory while {action}; try a smaller image.", print_exception=False) from None
+            except Exception as error:  # noqa: BLE001 - the user gets a sentence, the log gets the traceback
+                logger.exception("unexpected error while %s", action)
+                raise gr.Error(
+                    f"Unexpected error while {action} ({type(error).__name__}). The server is still running; "
+                    "please try another image.",
+                    print_exception=False,
+                ) from None
+
+        return wrapper
+
+    return decorator
+
+
+def _file_path(file: Any) -> str | None:
+    """gr.File gives a path string; gradio_client's FileData dicts and objects with .name are accepted too."""
+    if file is None or isinstance(file, (str, Path)):
+        return None if file in (None, "") else str(file)
+    if isinstance(file, dict):
+        return file.get("path") or file.get("name")
+    return getattr(file, "name", None) or getattr(file, "path", None)
+
+
+class CxrDemo:
+    """The app's state (a classifier or the reason there is none) and the functions the UI calls."""
+
+    def __init__(self, classifier: LoadedClassifier | None, status: str, home: str | Path | None = None) -> None:
+        self.classifier = classifier
+        self.status = status
+        self.home = app_home(home)
+
+    @property
+    def examples_dir(self) -> Path:
+        return self.home / EXAMPLES_SUBDIR
+
+    @classmethod
+    def from_source(
+        cls, model: str | None = None, revision: str | None = None, home: str | Path | None = None, **kwargs: Any
+    ) -> CxrDemo:
+        source, revision = resolve_source(model, revision, home)
+        try:
+            classifier = load_classifier(source, revision, **kwargs)
+        except ModelUnavailable as error:
+            logger.warning("no model: %s", error)
+            return cls(None, str(error), home)
+        return cls(classifier, f"Model: `{classifier.source}`.", home)
+
+    def _require(self) -> LoadedClassifier:
+        if self.classifier is None:
+            raise ModelUnavailable(self.status)
+        return self.classifier
+
+    def _prepare(self, file: Any) -> tuple[LoadedClassifier, LoadedImage, torch.Tensor]:
+        classifier = self._require()
+        image = read_upload(_file_path(file))
+        pixel_values = classifier.processor(image.model_input(), return_tensors="pt")["pixel_values"]
+        return classifier, image, pixel_values
+
+    def _probabilities(self, classifier: LoadedClassifier, pixel_values: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            logits = classifier.model(pixel_values=pixel_values.to(next(classifier.model.parameters()).device)).logits
+        return logits[0].float().softmax(-1).cpu()
+
+    def predict(self, file: Any) -> tuple[dict[str, float], str]:
+        """Upload -> ({label: probability}, a Markdown summary with the warnings and the caveat)."""
+        import gradio as gr
+
+        classifier, image, pixel_values = self._prepare(file)
+        probabilities = self._probabilities(classifier, pixel_values)
+        scores = {label: float(p) for label, p in zip(classifier.labels, probabilities.tolist(), strict=True)}
+        top_label = max(scores, key=scores.get)
+        input_findings = guardrails.check_radiograph(image.pixels, image.dicom)
+        confidence_findings = guardrails.check_confidence(scores)
+        warnings = [guardrails.warning_text(input_findings)] if input_findings else []
+        warnings += [f"Low confidence: {finding.message}." for finding in confidence_findings]
+        for warning in warnings:
+            gr.Warning(warning)
+        calibrated = (
+            f"calibrated with temperature {classifier.temperature:.2f}" if classifier.temperature != 1.0
+            else "not calibrated (temperature 1)"
+        )
+        lines = [f"### {top_label}: {scores[top_label]:.0%}", f"Probabilities {calibrated}."]
+        lines += [f"- ⚠️ {warning}" for warning in warnings]
+        details = f"{image.kind}, {image.width}x{image.height} px"
+        if image.notes:
+            details += "; " + "; ".join(image.notes)
+        lines += ["", f"Input: {details}.", "", "_Research use only — not for diagnosis._"]  # "" ends the list
+        return scores, "\n".join(lines)
+
+    def explain(
+        self, file: Any, method: str = GRAD_CAM, target: str = PREDICTED, progress: Callable | None = None
+    ) -> tuple[Image.Image, str]:
+        """Upload -> (the saliency overlay at the input's aspect ratio, a sentence on how to read it)."""
+        classifier, image, pixel_values = self._prepare(file)
+        method = method or GRAD_CAM
+        if method not in METHODS:
+            raise InputError(f"Unknown saliency method {method!r}; choose one of: {', '.join(METHODS)}.")
+        if target in (None, "", PREDICTED):
+            index = None
+        elif target in classifier.labels:
+            index = classifier.labels.index(target)
+        else:
+            raise InputError(f"Unknown class {target!r}; choose one of: {', '.join(classifier.labels)}.")
+        report = None if progress is None else (lambda fraction, label: progress(fraction, desc=label))
+        saliency, index = classifier.explainer.attribute(pixel_values, method, index, classifier.black, report)
+        overlay = render_overlay(image.display_uint8(), saliency, classifier.processor.resize_mode)
+        label = classifier.labels[index]
+        if saliency is None:
+            note = (
+                f"The {method} map for **{label}** is zero everywhere for this image (common for an untrained or "
+                "saturated model), so the image is shown without an overlay."
+            )
+        else:
+            config = classifier.model.config
+            cell = config.image_size // max(1, config.feature_map_size)
+            meaning = {
+                GRAD_CAM: f"red areas hold the features that raised the score for {label} most (coarse: one value "
+                f"per {cell}x{cell}-pixel cell of the model's input)",
+                INTEGRATED_GRADIENTS: f"red pixels changed the score for {label} most, up or down, on the way from "
+                "a black image",
+                OCCLUSION: f"hiding the red areas lowered the probability of {label} most",
+            }[method]
+            note = f"{method} for **{label}**: {meaning}; uncoloured areas mattered little."
+        return overlay, note + " A saliency map shows what the model used, not where disease is."
+
+
+def build_demo(
+    model: str | None = None, revision: str | None = None, app: CxrDemo | None = None, home: str | Path | None = None
+):
+    """The Blocks UI around a `CxrDemo` (loaded from `model`/env/the default under `home` unless one is given)."""
+    import gradio as gr
+
+    app = app or CxrDemo.from_source(model, revision, home)
+    labels = app.classifier.labels if app.classifier else ["COVID-19", "Normal", "Pneumonia"]
+
+    @_as_user_error("reading the image and predicting")
+    def predict(file: str) -> tuple[dict[str, float], str]:
+        return app.predict(file)
+
+    @_as_user_error("computing the saliency map")
+    def explain(file: str, method: str, target: str, progress=gr.Progress()) -> tuple[Image.Image, str]:  # noqa: B008
+        return app.explain(file, method, target, progress)
+
+    def predict_ui(file: str | None):
+        return (None, "") if file is None else predict(file)
+
+    def explain_ui(file: str | None, method: str, target: str, progress=gr.Progress()):  # noqa: B008
+        return (None, "") if file is None else explain(file, method, target, progress)
+
+    with gr.Blocks(title="CNN-LSTM chest X-ray classifier (research demo)") as demo:
+        gr.Markdown("# CNN-LSTM chest X-ray classifier: COVID-19 / Normal / Pneumonia")
+        gr.Markdown(f"> ⚠️ {DISCLAIMER}", elem_id="disclaimer")
+        gr.Markdown(app.status, elem_id="model-status")
+        with gr.Row():
+            with gr.Column(scale=1):
+                file = gr.File(label="Frontal chest X-ray: PNG, JPEG, BMP, TIFF or DICOM",
+                               file_types=list(ACCEPTED_SUFFIXES), type="filepath", elem_id="xray-file")
+                method = gr.Radio(list(METHODS), value=GRAD_CAM, label="Saliency method",
+                                  info="Grad-CAM: fast, coarse. Integrated Gradients and Occlusion: finer, ~10 s.")
+                target = gr.Dropdown([PREDICTED, *labels], value=PREDICTED, label="Explain the score of")
+                analyse = gr.Button("Analyse", variant="primary")
+                examples = sorted(p for p in app.examples_dir.glob("*") if p.suffix.lower() in ACCEPTED_SUFFIXES)
+                if examples:
+                    gr.Examples([[str(path)] for path in examples], inputs=[file],
+                                label="Examples (public X-rays; credits in examples/CREDITS.md)")
+            with gr.Column(scale=1):
+                label = gr.Label(num_top_classes=len(labels), label="Probabilities")
+                summary = gr.Markdown(label="Summary", elem_id="summary")
+                overlay = gr.Image(format="png", type="pil", label="Saliency overlay", interactive=False,
+                                   elem_id="overlay")
+                note = gr.Markdown(label="How to read the map", elem_id="explain-note")
+        gr.Markdown(
+            "Network: Islam, Islam & Asraf (2020), *A combined deep CNN-LSTM network for the detection of novel "
+            "coronavirus (COVID-19) using X-ray images*. Inputs are checked for size, format and whether they look "
+            "like a frontal chest radiograph; the check is a heuristic and warns rather than refuses."
+        )
+        predict_options = {"concurrency_limit": 2, "concurrency_id": "predict"}
+        explain_options = {"concurrency_limit": 1, "concurrency_id": "explain"}
+        analyse.click(predict, [file], [label, summary], api_name="predict", **predict_options).success(
+            explain, [file, method, target], [overlay, note], api_name="explain", **explain_options
+        )
+        file.change(predict_ui, [file], [label, summary], api_visibility="private", **predict_options).success(
+            explain_ui, [file, method, target], [overlay, note], api_visibility="private", **explain_options
+        )
+        gr.on([method.change, target.change], explain_ui, [file, method, target], [overlay, note],
+              api_visibility="private", **explain_options)
+    demo.queue(default_concurrency_limit=1, max_size=64)
+    demo.cxr_app = app  # for tests and scripts
+    return demo
+
+
+def launch(demo: Any, port: int | None = None, host: str | None = None, **kwargs: Any) -> Any:
+    """Launch with the app's settings: no SSR, upload size limit, examples folder allowed."""
+    from .uploads import MAX_FILE_BYTES
+
+    return demo.launch(
+        server_name=host or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
+        server_port=port,
+        ssr_mode=False,
+        max_file_size=MAX_FILE_BYTES,
+        allowed_paths=[str(demo.cxr_app.examples_dir)],
+        footer_links=["api"],
+        **kwargs,
+    )
+
+
+__all__ = ["CxrDemo", "DISCLAIMER", "ModelUnavailable", "build_demo", "launch", "load_classifier", "resolve_source",
+           "default_checkpoint", "app_home"]

@@ -1,0 +1,270 @@
+"""Saliency maps for the CNN-LSTM with Captum: Grad-CAM (default), Integrated Gradients, Occlusion; overlays.
+
+Why these three: Grad-CAM on the last convolutional block is cheap (one trunk forward, a backward through the small
+head only) and coarse (7x7); Integrated Gradients is pixel-level and satisfies completeness but needs many
+forward+backward passes; Occlusion needs no gradients at all (it asks "what if this patch were not there"), so it
+also runs on the fast no-gradient inference path. Their defaults are chosen to stay under ~15 s on a 2-core CPU
+(scripts/benchmark_app.py) while remaining meaningful: IG with 16 Gauss-Legendre steps from a black image,
+Occlusion with 56 px windows at a 28 px stride (a 7x7 grid of positions, like the feature map) filled with the
+image's mean.
+
+The model stays in eval mode. Captum needs a forward that returns a tensor, so the model is wrapped. On CUDA, cuDNN
+refuses the LSTM backward in eval mode; attribution runs under `torch.backends.cudnn.flags(enabled=False)`.
+
+Not part of the Hub-uploaded model: nothing in the model files imports this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from modeling_cnn_lstm.image_processing_cnn_lstm import pad_box
+
+try:  # the model package's test for native bfloat16 (AVX512-BF16/AMX); absent in older copies of the package
+    from modeling_cnn_lstm.fast_inference_cnn_lstm import cpu_has_native_bf16
+except ImportError:  # pragma: no cover
+    def cpu_has_native_bf16() -> bool:
+        return False
+
+GRAD_CAM, INTEGRATED_GRADIENTS, OCCLUSION = "Grad-CAM", "Integrated Gradients", "Occlusion"
+METHODS = (GRAD_CAM, INTEGRATED_GRADIENTS, OCCLUSION)
+ProgressCallback = Callable[[float, str], None]
+
+
+@dataclass
+class SaliencySettings:
+    """Defaults that keep IG and Occlusion under ~15 s for the paper network on 2 CPU cores."""
+
+    ig_steps: int = 16
+    ig_internal_batch_size: int = 4
+    occlusion_window: float = 0.25  # fraction of the model's input side (56 px at 224)
+    occlusion_stride: float = 0.125  # 28 px at 224
+    occlusion_batch_size: int = 8
+    ig_smoothing: int = 7  # box filter (px at model input) over |IG|: pixel-level maps are speckled otherwise
+
+
+class LogitsOnly(nn.Module):
+    """The classifier as a tensor-valued function of pixel values (Captum needs a tensor, not a ModelOutput)."""
+
+    def __init__(self, model: nn.Module, probabilities: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.probabilities = probabilities
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        logits = self.model(pixel_values=pixel_values).logits
+        return logits.softmax(-1) if self.probabilities else logits
+
+
+class HeadOnly(nn.Module):
+    """The head as a function of the last block's output. Grad-CAM's layer is `feature_map`, an identity on that
+    output, so its gradients are exactly those at `model.cnn_lstm.encoder.blocks[-1]` while the trunk ran without
+    gradients (no autograd graph for the 27-GFLOP trunk, no hook on the shared model)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.feature_map = nn.Identity()
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.feature_map(feature_map))
+
+
+class _CountingForward:
+    """Calls a forward function and reports progress after each call (Captum has no progress hook for IG)."""
+
+    def __init__(self, forward: Callable, total_calls: int, progress: ProgressCallback | None, label: str) -> None:
+        self.forward, self.total, self.progress, self.label = forward, max(1, total_calls), progress, label
+        self.calls = 0
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        output = self.forward(*args)
+        self.calls += 1
+        if self.progress is not None:
+            self.progress(min(1.0, self.calls / self.total), self.label)
+        return output
+
+
+def _attribution_context(device: torch.device):
+    return torch.backends.cudnn.flags(enabled=False) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _normalise(saliency: torch.Tensor, clip_quantile: float | None = None) -> np.ndarray | None:
+    """2-D map -> [0, 1] numpy, or None when it is all zero / not finite (an untrained model often gives that)."""
+    saliency = saliency.detach().float().cpu()
+    if not torch.isfinite(saliency).all():
+        return None
+    top = float(torch.quantile(saliency.flatten(), clip_quantile)) if clip_quantile else float(saliency.max())
+    if top <= 1e-12:
+        top = float(saliency.max())
+    if top <= 1e-12:
+        return None
+    return (saliency.clamp(min=0) / top).clamp(max=1.0).numpy()
+
+
+class Explainer:
+    """Attribution for one model; the model is put in eval mode with frozen parameters (gradients w.r.t. inputs
+    only) and is never hooked, so predictions can run on it concurrently."""
+
+    def __init__(self, model: nn.Module, settings: SaliencySettings | None = None) -> None:
+        self.model = model.eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.settings = settings or SaliencySettings()
+        self.device = next(self.model.parameters()).device
+
+    def _trunk_precision(self):
+        """bfloat16 autocast for the no-gradient trunk where the CPU runs it natively (as the model's own fast
+        path does, so Grad-CAM explains the same prediction); fp32 elsewhere."""
+        backend = getattr(self.model.config, "cpu_inference_backend", "torch")
+        if self.device.type == "cpu" and backend in ("auto", "bf16") and cpu_has_native_bf16():
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def predicted_class(self, pixel_values: torch.Tensor) -> int:
+        with torch.inference_mode():
+            return int(self.model(pixel_values=pixel_values).logits[0].argmax())
+
+    def gradcam(self, pixel_values: torch.Tensor, target: int | None) -> tuple[np.ndarray | None, int]:
+        from captum.attr import LayerAttribution, LayerGradCam
+
+        with torch.no_grad(), self._trunk_precision():  # the trunk's output is all Grad-CAM needs from it
+            feature_map = self.model.forward_features(pixel_values).float()
+        head = HeadOnly(self.model)
+        if target is None:  # the head's own answer: no second forward pass
+            with torch.no_grad():
+                target = int(head(feature_map)[0].argmax())
+        cam = LayerGradCam(head, head.feature_map).attribute(feature_map, target=target, relu_attributions=True)
+        # (1, 1, 7, 7) -> (1, 1, H, W) at the model's input size
+        cam = LayerAttribution.interpolate(cam, tuple(pixel_values.shape[-2:]), interpolate_mode="bilinear")
+        return _normalise(cam[0, 0]), target
+
+    def integrated_gradients(
+        self, pixel_values: torch.Tensor, target: int, baseline: torch.Tensor, progress: ProgressCallback | None
+    ) -> np.ndarray | None:
+        from captum.attr import IntegratedGradients
+
+        steps, batch = self.settings.ig_steps, self.settings.ig_internal_batch_size
+        forward = _CountingForward(LogitsOnly(self.model), math.ceil(steps / batch), progress, INTEGRATED_GRADIENTS)
+        attributions = IntegratedGradients(forward).attribute(
+            pixel_values, baselines=baseline, target=target, n_steps=steps, internal_batch_size=batch
+        )
+        # (1, C, H, W) -> (1, 1, H, W): magnitude summed over channels, then a small box filter
+        magnitude = attributions.abs().sum(dim=1, keepdim=True)
+        kernel = self.settings.ig_smoothing
+        if kernel > 1:
+            magnitude = F.avg_pool2d(magnitude, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+        return _normalise(magnitude[0, 0], clip_quantile=0.995)
+
+    def occlusion(
+        self, pixel_values: torch.Tensor, target: int, progress: ProgressCallback | None
+    ) -> np.ndarray | None:
+        from captum.attr import Occlusion
+
+        side = pixel_values.shape[-1]
+        window = max(2, round(side * self.settings.occlusion_window))
+        stride = max(1, round(side * self.settings.occlusion_stride))
+        channels = pixel_values.shape[1]
+        positions = ((pixel_values.shape[-2] - window) // stride + 1) * ((side - window) // stride + 1)
+        per_eval = self.settings.occlusion_batch_size
+        total = 1 + math.ceil(positions / per_eval)
+        forward = _CountingForward(LogitsOnly(self.model, probabilities=True), total, progress, OCCLUSION)
+        # Each patch is replaced by the image's own mean (per channel): no artificial black or white edges.
+        fill = pixel_values.mean(dim=(2, 3), keepdim=True).expand_as(pixel_values).contiguous()
+        attributions = Occlusion(forward).attribute(
+            pixel_values,
+            sliding_window_shapes=(channels, window, window),
+            strides=(channels, stride, stride),
+            baselines=fill,
+            target=target,
+            perturbations_per_eval=per_eval,
+        )
+        # (1, C, H, W) -> (H, W): the drop in the target's probability when a patch is hidden (evidence for it)
+        return _normalise(attributions.mean(dim=1)[0])
+
+    def attribute(
+        self,
+        pixel_values: torch.Tensor,
+        method: str,
+        target: int | None = None,
+        baseline: torch.Tensor | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> tuple[np.ndarray | None, int]:
+        """One image (1, C, H, W) -> (an HxW map in [0, 1] at the model's input size or None if it is all zero,
+        the class explained: `target`, or the predicted class when None). IG's baseline defaults to zeros."""
+        if method not in METHODS:
+            raise ValueError(f"unknown saliency method {method!r}; choose one of {METHODS}")
+        pixel_values = pixel_values.to(self.device)
+        with _attribution_context(self.device):
+            if method == GRAD_CAM:
+                return self.gradcam(pixel_values, target)
+            target = self.predicted_class(pixel_values) if target is None else target
+            if method == INTEGRATED_GRADIENTS:
+                baseline = torch.zeros_like(pixel_values) if baseline is None else baseline.to(self.device)
+                return self.integrated_gradients(pixel_values, target, baseline, progress), target
+            return self.occlusion(pixel_values, target, progress), target
+
+
+def map_to_image(saliency: np.ndarray, height: int, width: int, resize_mode: str = "stretch") -> np.ndarray:
+    """A map at the model's input size -> the image's own HxW (undoing the processor's stretch or pad)."""
+    model_height, model_width = saliency.shape
+    if resize_mode == "pad":  # the same centred box as the processor's pad resize
+        top, left, box_height, box_width = pad_box(height, width, {"height": model_height, "width": model_width})
+        saliency = saliency[top : top + box_height, left : left + box_width]
+    resized = Image.fromarray(np.ascontiguousarray(saliency, dtype=np.float32), mode="F").resize(
+        (width, height), Image.BILINEAR
+    )
+    return np.clip(np.asarray(resized), 0.0, 1.0)
+
+
+# A jet-like colour scale (blue -> cyan -> yellow -> red): "red = most important" needs no legend.
+_ANCHORS = np.array([[0, 0, 140], [0, 90, 255], [0, 220, 255], [255, 230, 0], [255, 60, 0], [170, 0, 0]], np.float32)
+
+
+def colourise(values: np.ndarray) -> np.ndarray:
+    """HxW in [0, 1] -> HxWx3 float RGB on 0..255."""
+    position = np.clip(values, 0.0, 1.0) * (len(_ANCHORS) - 1)
+    low = np.floor(position).astype(np.int64).clip(0, len(_ANCHORS) - 2)
+    fraction = (position - low)[..., None]
+    return _ANCHORS[low] * (1 - fraction) + _ANCHORS[low + 1] * fraction
+
+
+def render_overlay(
+    display: np.ndarray, saliency: np.ndarray | None, resize_mode: str = "stretch", max_side: int = 768
+) -> Image.Image:
+    """The X-ray (HxW or HxWx3 uint8) with the map blended in, at the input's aspect ratio (longer side <= 768).
+    Weak areas stay plain grey so the anatomy under the strong ones is still visible."""
+    height, width = display.shape[:2]
+    scale = min(1.0, max_side / max(height, width))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    base = Image.fromarray(display).convert("RGB").resize(size, Image.BILINEAR)
+    if saliency is None:
+        return base
+    values = map_to_image(saliency, size[1], size[0], resize_mode)
+    alpha = (0.65 * np.clip((values - 0.1) / 0.4, 0.0, 1.0))[..., None]
+    blended = np.asarray(base, dtype=np.float32) * (1 - alpha) + colourise(values) * alpha
+    return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+
+
+__all__ = [
+    "GRAD_CAM",
+    "INTEGRATED_GRADIENTS",
+    "METHODS",
+    "OCCLUSION",
+    "Explainer",
+    "HeadOnly",
+    "LogitsOnly",
+    "SaliencySettings",
+    "colourise",
+    "map_to_image",
+    "render_overlay",
+]

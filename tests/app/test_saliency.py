@@ -1,0 +1,117 @@
+"""Saliency: each method finds the one region a stand-in model uses, Grad-CAM equals Captum's on the last block,
+and the overlay puts the map back where it belongs (stretch and pad, non-square images)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cxr_app.saliency import METHODS, Explainer, LogitsOnly, map_to_image, render_overlay
+from modeling_cnn_lstm import CnnLstmForImageClassification
+from tests.app_testkit import make_checkpoint
+
+
+class TopLeftModel(nn.Module):
+    """Scores class 0 by what a "trunk" channel sees in the top-left quarter only; a second channel sees everything
+    and is ignored by the head. Every faithful method must point at the top-left; a bright bottom-right patch that
+    the model ignores must stay dark."""
+
+    def __init__(self, size: int = 32) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(cpu_inference_backend="torch", image_size=size, feature_map_size=size // 4)
+        self.gain = nn.Parameter(torch.ones(()))
+
+    def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # (batch, C, 32, 32) -> (batch, 2, 8, 8): channel 0 masked to the top-left quarter, channel 1 unmasked
+        pooled = F.avg_pool2d(pixel_values.mean(dim=1, keepdim=True), 4)
+        mask = torch.zeros_like(pooled)
+        mask[..., :4, :4] = 1
+        return torch.cat([pooled * mask, pooled], dim=1)
+
+    def forward_head(self, feature_map: torch.Tensor) -> torch.Tensor:
+        score = feature_map[:, 0].mean(dim=(1, 2)) * self.gain
+        return torch.stack([score, torch.zeros_like(score), -score], dim=1)
+
+    def forward(self, pixel_values: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.forward_head(self.forward_features(pixel_values)))
+
+
+def two_patch_input() -> torch.Tensor:
+    pixels = torch.zeros(1, 3, 32, 32)
+    pixels[..., 4:12, 4:12] = 1.0  # top-left: the evidence
+    pixels[..., 20:28, 20:28] = 1.0  # bottom-right: ignored by the model
+    return pixels
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_points_at_the_evidence(method):
+    reports = []
+    saliency, target = Explainer(TopLeftModel()).attribute(
+        two_patch_input(), method, target=None, progress=lambda fraction, label: reports.append((fraction, label))
+    )
+    assert target == 0 and saliency.shape == (32, 32)
+    assert saliency.min() >= 0 and saliency.max() == pytest.approx(1.0)
+    top_left, bottom_right = saliency[:16, :16].mean(), saliency[16:, 16:].mean()
+    assert top_left > 0.1 and bottom_right < 0.05 * top_left, (top_left, bottom_right)
+    if method != "Grad-CAM":
+        assert reports[-1] == (pytest.approx(1.0), method)
+
+
+def test_gradcam_equals_captum_on_the_last_conv_block(tmp_path):
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    make_checkpoint(tmp_path, cpu_inference_backend="torch")  # fp32 everywhere: exact comparison
+    model = CnnLstmForImageClassification.from_pretrained(tmp_path).eval()
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ours, target = Explainer(model).attribute(pixels, "Grad-CAM", target=2)
+    reference = LayerGradCam(LogitsOnly(model), model.cnn_lstm.encoder.blocks[-1]).attribute(
+        pixels, target=2, relu_attributions=True
+    )
+    reference = LayerAttribution.interpolate(reference, (32, 32), interpolate_mode="bilinear")[0, 0]
+    assert target == 2 and reference.max() > 0
+    np.testing.assert_allclose(ours, (reference / reference.max()).detach().numpy(), atol=1e-5)
+    assert not model.training  # eval mode throughout
+
+
+def test_predicted_target_is_the_models_answer(tmp_path):
+    make_checkpoint(tmp_path, cpu_inference_backend="torch")
+    model = CnnLstmForImageClassification.from_pretrained(tmp_path).eval()
+    for seed in range(3):
+        pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            expected = int(model(pixel_values=pixels).logits.argmax())
+        for method in METHODS:
+            assert Explainer(model).attribute(pixels, method)[1] == expected
+
+
+@pytest.mark.parametrize("resize_mode", ["stretch", "pad"])
+def test_overlay_maps_back_to_the_image(resize_mode):
+    height, width = 60, 150  # wide: pad mode puts the content in rows 10..22 of a 32x32 input
+    saliency = np.zeros((32, 32), np.float32)
+    if resize_mode == "stretch":
+        saliency[:8, :8] = 1.0  # top-left of the input = top-left of the image
+    else:
+        box = round(height * 32 / width)  # the processor's centred box: 13 rows
+        top = (32 - box) // 2
+        saliency[top : top + box // 2, :8] = 1.0
+        saliency[:top] = 1.0  # padding: must be cut away, never drawn
+    mapped = map_to_image(saliency, height, width, resize_mode)
+    assert mapped.shape == (height, width)
+    assert mapped[: height // 5, : width // 6].mean() > 0.8 and mapped[:, width // 3 :].max() < 0.05
+    grey = np.full((height, width), 100, np.uint8)
+    overlay = np.asarray(render_overlay(grey, saliency, resize_mode), np.int16)
+    assert overlay.shape == (height, width, 3)
+    changed = np.abs(overlay - 100).sum(-1) > 10
+    assert changed[: height // 5, : width // 6].mean() > 0.8 and not changed[:, width // 3 :].any()
+    plain = np.asarray(render_overlay(grey, None))
+    assert (plain == 100).all()
+
+
+def test_large_images_are_shown_at_most_768_px():
+    overlay = render_overlay(np.zeros((2000, 1000), np.uint8), np.ones((32, 32), np.float32))
+    assert overlay.size == (384, 768)

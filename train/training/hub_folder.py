@@ -1,0 +1,117 @@
+"""The final folder (exactly a Hub model repo) written atomically, and publishing it and the metric to the Hub.
+
+Folder contents: config.json (labels, `calibration_temperature`), the remote-code files + `auto_map`,
+preprocessor_config.json, safetensors (optionally half precision, sharded; config says float32 so it loads as fp32),
+README.md (the rendered card), report/ (metrics.json, report.md, PNG figures). It is assembled in a temporary
+sibling folder and renamed into place, so a failed run never leaves a half-written folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from modeling_cnn_lstm import CnnLstmForImageClassification, CnnLstmImageProcessor
+
+logger = logging.getLogger(__name__)
+METRIC_DIR = Path(__file__).resolve().parents[1] / "metrics" / "cxr_metrics"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def atomic_folder(destination: Path, fill: Callable[[Path], None]) -> Path:
+    """Build a folder with `fill(tmp)` next to `destination`, then swap it in; on error nothing changes."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = destination.parent / f".{destination.name}.tmp-{uuid.uuid4().hex[:8]}"
+    old = destination.parent / f".{destination.name}.old-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        if destination.exists():
+            destination.rename(old)
+        tmp.rename(destination)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not destination.exists():
+            old.rename(destination)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return destination
+
+
+def round_to_save_dtype(model: torch.nn.Module, save_dtype: str) -> None:
+    """Round the weights in place to what `save_dtype` stores (they stay float32): the model that is scored is then
+    exactly the model that ships in a float16/bfloat16 folder."""
+    dtype = DTYPES[save_dtype]
+    if dtype == torch.float32:
+        return
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.to(dtype).to(tensor.dtype))
+
+
+def save_model_files(
+    model: CnnLstmForImageClassification,
+    folder: Path,
+    save_dtype: str = "float32",
+    max_shard_size: str = "5GB",
+    cpu_inference_backend: str | None = None,
+) -> None:
+    """Model (a CPU copy: the trained one is left as it is) + processor, with remote code and auto_map."""
+    export = copy.deepcopy(model).to("cpu").to(memory_format=torch.contiguous_format).eval()
+    if cpu_inference_backend is not None:
+        export.config.cpu_inference_backend = cpu_inference_backend
+    export = export.to(DTYPES[save_dtype])
+    export.save_pretrained(folder, max_shard_size=max_shard_size)
+    if save_dtype != "float32":  # weights stored small; the config asks for float32 so from_pretrained upcasts
+        config_path = folder / "config.json"
+        config = json.loads(config_path.read_text())
+        config["dtype"] = "float32"
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    CnnLstmImageProcessor.from_model_config(model.config).save_pretrained(folder)
+
+
+def push_folder(folder: Path, repo_id: str, token: str | None = None, private: bool | None = None) -> str:
+    """Create the model repo if needed and upload the whole folder in one commit; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload CNN-LSTM checkpoint")
+    logger.info("pushed %s to %s", folder, repo_id)
+    return str(getattr(info, "commit_url", info))
+
+
+def push_metric(repo_id: str, token: str | None = None, private: bool | None = None) -> str:
+    """Publish the metric module as a Space; the script is named after the repo, as `evaluate.load` expects."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
+    script_name = repo_id.split("/")[-1] + ".py"
+
+    def fill(tmp: Path) -> None:
+        for path in METRIC_DIR.iterdir():
+            if path.is_file() and path.suffix in (".py", ".md", ".txt") and path.name != "__init__.py":
+                target = {"cxr_metrics.py": script_name, "metric_space_app.py": "app.py"}.get(path.name, path.name)
+                shutil.copyfile(path, tmp / target)
+        app = tmp / "app.py"
+        if app.exists():
+            app.write_text(app.read_text().replace('"cxr_metrics"', json.dumps(repo_id)))
+
+    with tempfile.TemporaryDirectory() as staging:
+        fill(Path(staging))
+        info = api.upload_folder(
+            repo_id=repo_id, repo_type="space", folder_path=staging, commit_message="Upload cxr_metrics"
+        )
+    logger.info("pushed the metric module to the Space %s", repo_id)
+    return str(getattr(info, "commit_url", info))

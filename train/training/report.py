@@ -1,0 +1,321 @@
+"""The evaluation report: metrics JSON, paper-style tables, bootstrap intervals, per-source metrics, PNG figures.
+
+Written at the end of training (on the test split) and by `scripts/evaluate_checkpoint.py`. Numbers come from the
+project's metric module (`train/metrics/cxr_metrics`), the same code `compute_metrics` runs during training. Bootstrap
+intervals resample PATIENTS when patient ids are known (images of one patient are not independent), else images.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from train.metrics.cxr_metrics.cxr_metrics import compute_classification_metrics, softmax
+from train.training.calibration import calibration_summary
+from train.training.plots import (
+    plot_confusion_matrix,
+    plot_per_class,
+    plot_reliability,
+    plot_roc,
+    plot_training_curves,
+)
+
+INTERVAL_KEYS = (
+    "accuracy",
+    "macro_precision",
+    "macro_sensitivity",
+    "macro_specificity",
+    "macro_f1",
+    "macro_auc",
+    "ece",
+)
+TABLE_KEYS = ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc")
+PREDICTIONS_FILE = "predictions.csv"
+PLOT_FILES = {
+    "confusion_matrix": "confusion_matrix.png",
+    "accuracy_curves": "accuracy_curves.png",
+    "loss_curves": "loss_curves.png",
+    "per_class_metrics": "per_class_metrics.png",
+    "roc_curves": "roc_curves.png",
+    "reliability_diagram": "reliability_diagram.png",
+}
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to a temporary file in `path`'s folder, then `os.replace` it into place: a reader (or a crash
+    half-way) sees the old file or the new one, never a truncated one."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"  # not mkstemp: keep the usual umask permissions
+    try:
+        with open(tmp, "x", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def bootstrap_intervals(
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    label_names: Sequence[str],
+    groups: Sequence[str] | None = None,
+    samples: int = 1000,
+    seed: int = 0,
+    ece_bins: int = 15,
+) -> dict[str, Any]:
+    """Percentile 95% intervals of the macro metrics over `samples` resamples (of groups when given)."""
+    if samples <= 0:
+        return {"samples": 0, "unit": None, "intervals": {}}
+    rng = np.random.default_rng(seed)
+    if groups is not None:
+        _, group_index = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+        members = [np.flatnonzero(group_index == group) for group in range(group_index.max() + 1)]
+    else:
+        members = [np.array([index]) for index in range(len(labels))]
+    values: dict[str, list[float]] = {key: [] for key in INTERVAL_KEYS}
+    for _ in range(samples):
+        chosen = rng.integers(0, len(members), len(members))
+        indices = np.concatenate([members[group] for group in chosen])
+        result = compute_classification_metrics(
+            probabilities[indices], labels[indices], list(label_names), input_type="probabilities", ece_bins=ece_bins
+        )
+        for key in INTERVAL_KEYS:
+            if result[key] is not None:
+                values[key].append(result[key])
+    intervals = {
+        key: {"low": float(np.percentile(found, 2.5)), "high": float(np.percentile(found, 97.5)), "n": len(found)}
+        for key, found in values.items()
+        if found
+    }
+    return {"samples": samples, "unit": "patient" if groups is not None else "image", "intervals": intervals}
+
+
+def per_source_metrics(
+    probabilities: np.ndarray, labels: np.ndarray, sources: Sequence[str], label_names: Sequence[str]
+) -> dict[str, Any]:
+    """Accuracy and per-class sensitivity within each data source: a model can learn the source, not the disease."""
+    sources = np.asarray(sources, dtype=object).astype(str)
+    predicted = probabilities.argmax(axis=1)
+    result = {}
+    for source in sorted(set(sources)):
+        mask = sources == source
+        truth, guess = labels[mask], predicted[mask]
+        sensitivity = {
+            name: float((guess[truth == index] == index).mean())
+            for index, name in enumerate(label_names)
+            if (truth == index).any()
+        }
+        counts = {name: int((truth == index).sum()) for index, name in enumerate(label_names)}
+        result[source] = {
+            "num_samples": int(mask.sum()),
+            "accuracy": float((truth == guess).mean()),
+            "class_counts": counts,
+            "sensitivity": sensitivity,
+        }
+    return result
+
+
+def write_report(
+    report_dir: str | Path,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    label_names: Sequence[str],
+    temperature: float = 1.0,
+    calibration_fitted_on: str = "validation",
+    columns: dict[str, Sequence[Any]] | None = None,
+    histories: dict[str, list[dict[str, Any]]] | None = None,
+    bootstrap_samples: int = 1000,
+    ece_bins: int = 15,
+    seed: int = 0,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Everything for one evaluated split from its UNSCALED logits; returns what metrics.json holds."""
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    names = list(label_names)
+    columns = columns or {}
+    probabilities = softmax(logits / temperature)
+    metrics = compute_classification_metrics(
+        probabilities, labels, names, input_type="probabilities", ece_bins=ece_bins
+    )
+    calibration = calibration_summary(logits, labels, temperature, ece_bins)
+    calibration["fitted_on"] = calibration_fitted_on
+    report: dict[str, Any] = {
+        "num_samples": int(len(labels)),
+        "label_names": names,
+        "metrics": metrics,
+        "calibration": calibration,
+        "bootstrap": bootstrap_intervals(
+            probabilities, labels, names, columns.get("patient_id"), bootstrap_samples, seed, ece_bins
+        ),
+        "per_source": per_source_metrics(probabilities, labels, columns["source"], names)
+        if "source" in columns
+        else {},
+    }
+    report.update(extra or {})
+    plot_confusion_matrix(metrics["confusion_matrix"], names, report_dir / PLOT_FILES["confusion_matrix"])
+    plot_per_class(metrics["per_class"], report_dir / PLOT_FILES["per_class_metrics"])
+    plot_roc(probabilities, labels, metrics["per_class"], report_dir / PLOT_FILES["roc_curves"])
+    plot_reliability(calibration, report_dir / PLOT_FILES["reliability_diagram"])
+    plots = ["confusion_matrix", "per_class_metrics", "roc_curves", "reliability_diagram"]
+    if histories:
+        plot_training_curves(histories, "accuracy", report_dir / PLOT_FILES["accuracy_curves"])
+        plot_training_curves(histories, "loss", report_dir / PLOT_FILES["loss_curves"])
+        plots += ["accuracy_curves", "loss_curves"]
+    report["plots"] = {name: PLOT_FILES[name] for name in plots}
+    atomic_write_text(report_dir / "metrics.json", json.dumps(report, indent=2))
+    atomic_write_text(report_dir / "report.md", render_report_markdown(report))
+    atomic_write_text(report_dir / PREDICTIONS_FILE, predictions_csv(probabilities, labels, names, columns))
+    if histories:
+        (report_dir / "training_history.json").write_text(json.dumps(histories, indent=1))
+    return report
+
+
+def predictions_csv(
+    probabilities: np.ndarray, labels: np.ndarray, label_names: Sequence[str], columns: dict[str, Sequence[Any]]
+) -> str:
+    """One row per evaluated image: identifiers known to the split, true and predicted class, the calibrated
+    probabilities (paired comparisons between models, per-image audits, and the shipped-model check in the tests)."""
+    names = list(label_names)
+    keys = [key for key in ("sha256", "patient_id", "source") if key in columns]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["index", *keys, "label", "predicted", *(f"p_{name}" for name in names)])
+    for index, (row, label) in enumerate(zip(probabilities, labels, strict=True)):
+        identifiers = [columns[key][index] for key in keys]
+        writer.writerow([index, *identifiers, names[label], names[int(np.argmax(row))], *(f"{p:.6f}" for p in row)])
+    return buffer.getvalue()
+
+
+def percent(value: float | None) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+
+
+def per_class_table(metrics: dict[str, Any]) -> str:
+    """The paper's Tables 3/4 layout (in %), plus precision, AUC and support, and a macro-average row."""
+    lines = [
+        "| Class | Accuracy | Precision | Sensitivity | Specificity | F1 | AUC | Support |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, values in metrics["per_class"].items():
+        cells = " | ".join(percent(values[key]) for key in TABLE_KEYS)
+        lines.append(f"| {name} | {cells} | {values['support']} |")
+    macro = " | ".join(
+        percent(metrics[f"macro_{key}"] if key != "accuracy" else metrics["accuracy"]) for key in TABLE_KEYS
+    )
+    lines.append(f"| **Overall** (accuracy; macro averages) | {macro} | {metrics['num_samples']} |")
+    return "\n".join(lines)
+
+
+def intervals_table(report: dict[str, Any]) -> str:
+    bootstrap = report["bootstrap"]
+    if not bootstrap["intervals"]:
+        return "Bootstrap intervals were not computed (`--bootstrap_samples 0`)."
+    lines = [
+        f"95% percentile intervals from {bootstrap['samples']} bootstrap resamples of {bootstrap['unit']}s.",
+        "",
+        "| Metric | Estimate | 95% interval |",
+        "|---|---|---|",
+    ]
+    for key, interval in bootstrap["intervals"].items():
+        estimate = report["metrics"][key]
+        if key == "ece":
+            lines.append(f"| ECE | {estimate:.3f} | {interval['low']:.3f} - {interval['high']:.3f} |")
+        else:
+            lines.append(f"| {key} | {percent(estimate)} | {percent(interval['low'])} - {percent(interval['high'])} |")
+    return "\n".join(lines)
+
+
+def calibration_table(report: dict[str, Any]) -> str:
+    calibration = report["calibration"]
+    return "\n".join(
+        [
+            f"Temperature T = {calibration['temperature']:.3f} (fitted on the {calibration['fitted_on']} logits; "
+            "stored as `calibration_temperature` in config.json and applied by the model).",
+            "",
+            "| | ECE | NLL |",
+            "|---|---|---|",
+            f"| before (T = 1) | {calibration['ece_before']:.3f} | {calibration['nll_before']:.3f} |",
+            f"| after (T = {calibration['temperature']:.2f}) | {calibration['ece_after']:.3f} | "
+            f"{calibration['nll_after']:.3f} |",
+        ]
+    )
+
+
+def per_source_table(report: dict[str, Any]) -> str:
+    if not report["per_source"]:
+        return "The evaluated data carried no `source` column."
+    names = report["label_names"]
+    header = " | ".join(f"Sensitivity {name}" for name in names)
+    lines = [f"| Source | Images | Accuracy | {header} |", "|---|---|---|" + "---|" * len(names)]
+    for source, values in report["per_source"].items():
+        cells = " | ".join(
+            f"{percent(values['sensitivity'][name])} (n={values['class_counts'][name]})"
+            if name in values["sensitivity"]
+            else "-"
+            for name in names
+        )
+        lines.append(f"| {source} | {values['num_samples']} | {percent(values['accuracy'])} | {cells} |")
+    return "\n".join(lines)
+
+
+def cv_table(cv: dict[str, Any] | None) -> str:
+    if not cv:
+        return "Cross-validation was not run for this checkpoint."
+    folds = cv["folds"]
+    lines = [
+        f"{len(folds)}-fold cross-validation, patient-grouped (no patient in two folds). "
+        + (
+            f"Fold f is scored by a model trained on the other {len(folds) - 2} folds, whose checkpoint, early "
+            "stopping and temperature were chosen on the inner validation fold (f + 1) mod "
+            f"{len(folds)}; fold f's images were used for neither training nor selection."
+            if cv.get("protocol")
+            else "Each fold's model was evaluated on the fold its checkpoint was also chosen on (older protocol: "
+            "optimistic)."
+        )
+        + " Mean +- standard deviation over folds (in %; ECE as a fraction, after the fold's temperature).",
+        "",
+        "| Metric | " + " | ".join(f"fold {fold['fold']}" for fold in folds) + " | mean +- std |",
+        "|---|" + "---|" * (len(folds) + 1),
+    ]
+    for key, summary in cv["summary"].items():
+        scale = (lambda v: f"{v:.3f}") if key == "ece" else percent
+        cells = " | ".join(scale(fold["metrics"].get(key)) for fold in folds)
+        lines.append(f"| {key} | {cells} | {scale(summary['mean'])} +- {scale(summary['std'])} |")
+    if cv.get("note"):
+        lines += ["", str(cv["note"])]
+    return "\n".join(lines)
+
+
+def render_report_markdown(report: dict[str, Any]) -> str:
+    figures = "\n".join(f"![{name}]({file})" for name, file in report["plots"].items())
+    return "\n\n".join(
+        [
+            f"# Evaluation report ({report['num_samples']} images)",
+            "## Per-class metrics (%)",
+            per_class_table(report["metrics"]),
+            "## Bootstrap intervals",
+            intervals_table(report),
+            "## Calibration",
+            calibration_table(report),
+            "## Per-source metrics",
+            per_source_table(report),
+            "## Cross-validation",
+            cv_table(report.get("cross_validation")),
+            "## Figures",
+            figures,
+        ]
+    )

@@ -1,0 +1,187 @@
+"""The Trainer side: model construction, `CxrTrainer` (device-side input transform, training accuracy), metrics.
+
+`CxrTrainer` differs from `transformers.Trainer` in three small ways, each for a measured reason:
+- `_prepare_inputs` turns the uint8 batch into normalized float ON the device (`DeviceBatchTransform`), with the
+  paper's random rotation while the model is in training mode (DESIGN.md section 7: the input path, not the GPU,
+  limited the Trainer when the collate made floats on the CPU);
+- `compute_loss` also counts correct training predictions on the device (no per-step sync), and `log` reports them
+  as `train_accuracy` next to the Trainer's `loss`, so the report can draw the paper's training accuracy curve;
+- the model's loss is a plain mean, so the Trainer is told not to pass `num_items_in_batch` (gradient accumulation
+  then divides by the number of micro-batches, which is right for a mean loss).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import EvalPrediction, Trainer, TrainingArguments
+
+from modeling_cnn_lstm import CnnLstmConfig, CnnLstmForImageClassification, CnnLstmImageProcessor
+from train.training.arguments import ModelArguments
+from train.training.input_pipeline import CachedSplit, DeviceBatchTransform, collate_uint8
+
+logger = logging.getLogger(__name__)
+SCALAR_KEYS = ("accuracy", "macro_precision", "macro_sensitivity", "macro_specificity", "macro_f1", "macro_auc")
+PER_CLASS_KEYS = ("sensitivity", "specificity", "f1", "auc")
+
+
+def build_model(model_args: ModelArguments) -> CnnLstmForImageClassification:
+    """A fresh model from the options, or a checkpoint whose architecture must agree with any option given."""
+    if model_args.model_name_or_path is None:
+        return CnnLstmForImageClassification(model_args.build_config())
+    model = CnnLstmForImageClassification.from_pretrained(model_args.model_name_or_path, dtype=torch.float32)
+    defaults = ModelArguments().architecture()
+    given = {key: value for key, value in model_args.architecture().items() if value != defaults.get(key)}
+    clashes = {key: (value, getattr(model.config, key)) for key, value in given.items()
+               if value != getattr(model.config, key)}  # fmt: skip
+    if clashes:
+        raise ValueError(f"options differ from the checkpoint's architecture (option, checkpoint): {clashes}")
+    model.config.calibration_temperature = 1.0  # calibrate afresh after fine-tuning
+    return model
+
+
+def batch_transform_for(config: CnnLstmConfig, rotation_degrees: float, channels_last: bool) -> DeviceBatchTransform:
+    return DeviceBatchTransform(
+        config.image_mean, config.image_std, config.num_channels, rotation_degrees, channels_last
+    )
+
+
+def _metric_name(label: str) -> str:
+    return re.sub(r"[^0-9a-z]+", "_", label.lower()).strip("_")
+
+
+def flatten_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The metric module's nested result -> flat scalars for the Trainer's logs (undefined values left out)."""
+    flat = {key: result[key] for key in (*SCALAR_KEYS, "ece", "nll") if result.get(key) is not None}
+    for name, values in result["per_class"].items():
+        for key in PER_CLASS_KEYS:
+            if values.get(key) is not None:
+                flat[f"{key}_{_metric_name(name)}"] = values[key]
+    return {key: float(value) for key, value in flat.items()}
+
+
+class ComputeMetrics:
+    """`compute_metrics` for the Trainer, backed by the project's `evaluate` module.
+
+    With `selection_window` N > 1 it also returns `macro_f1_smoothed`: the mean macro-F1 of this evaluation and the
+    N - 1 before it, read through `previous()` (the Trainer's log history, which a resumed run restores).
+    """
+
+    def __init__(self, metric: Any, label_names: list[str], ece_bins: int, selection_window: int = 1) -> None:
+        self.metric, self.label_names, self.ece_bins = metric, label_names, ece_bins
+        self.selection_window = selection_window
+        self.previous: Callable[[], list[float]] = list
+
+    def __call__(self, prediction: EvalPrediction) -> dict[str, float]:
+        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        result = self.metric.compute(
+            predictions=np.asarray(logits, dtype=np.float64),
+            references=np.asarray(prediction.label_ids, dtype=np.int64),
+            label_names=self.label_names,
+            input_type="logits",
+            ece_bins=self.ece_bins,
+        )
+        flat = flatten_metrics(result)
+        if self.selection_window > 1:
+            earlier = list(self.previous())[-(self.selection_window - 1) :]
+            values = [*earlier, flat["macro_f1"]]
+            flat["macro_f1_smoothed"] = float(sum(values) / len(values))
+        return flat
+
+
+def build_compute_metrics(
+    metric: Any, label_names: list[str], ece_bins: int, selection_window: int = 1
+) -> ComputeMetrics:
+    return ComputeMetrics(metric, label_names, ece_bins, selection_window)
+
+
+class CxrTrainer(Trainer):
+    """`Trainer` with the device-side uint8 input transform and an on-device training-accuracy counter."""
+
+    def __init__(self, *args: Any, batch_transform: DeviceBatchTransform, **kwargs: Any) -> None:
+        kwargs.setdefault("data_collator", collate_uint8)
+        super().__init__(*args, **kwargs)
+        self.batch_transform = batch_transform
+        self.model_accepts_loss_kwargs = False
+        self._train_correct: torch.Tensor | None = None
+        self._train_seen = 0
+
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        inputs = super()._prepare_inputs(inputs)
+        pixel_values = inputs.get("pixel_values")
+        if isinstance(pixel_values, torch.Tensor) and pixel_values.dtype == torch.uint8:
+            inputs["pixel_values"] = self.batch_transform(pixel_values, train=self.model.training)
+        return inputs
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        labels = inputs.get("labels")
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training and labels is not None:
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
+            correct = (logits.detach().argmax(dim=-1) == labels).sum()  # stays on the device: no sync
+            self._train_correct = correct if self._train_correct is None else self._train_correct + correct
+            self._train_seen += labels.numel()  # known on the host: no host-to-device copy per step
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds `train_accuracy` (since the previous training log, all processes) to the Trainer's loss logs."""
+        if "loss" in logs and self._train_correct is not None:
+            seen = torch.tensor(float(self._train_seen), device=self._train_correct.device)  # once per log only
+            counts = torch.stack([self._train_correct.float(), seen])
+            if self.args.world_size > 1:
+                counts = self.accelerator.reduce(counts, reduction="sum")
+            correct, seen = counts.tolist()
+            logs["train_accuracy"] = correct / seen if seen else math.nan
+            self._train_correct, self._train_seen = None, 0
+        super().log(logs, start_time)
+
+
+def make_trainer(
+    model: CnnLstmForImageClassification,
+    args: TrainingArguments,
+    train_split: CachedSplit | None,
+    eval_split: CachedSplit | None,
+    batch_transform: DeviceBatchTransform,
+    compute_metrics: Callable | None = None,
+    callbacks: list | None = None,
+) -> CxrTrainer:
+    """A `CxrTrainer` over cached splits; the processor travels with the checkpoints (`processing_class`)."""
+    return CxrTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_split.torch_dataset() if train_split is not None else None,
+        eval_dataset=eval_split.torch_dataset() if eval_split is not None else None,
+        processing_class=CnnLstmImageProcessor.from_model_config(model.config),
+        compute_metrics=compute_metrics,
+        callbacks=callbacks,
+        batch_transform=batch_transform,
+    )
+
+
+def predict_logits(trainer: CxrTrainer, split: CachedSplit) -> np.ndarray:
+    """Logits (n, c) for a split in its original order (the config's temperature applied, normally 1 here)."""
+    output = trainer.predict(split.torch_dataset(), metric_key_prefix="predict")
+    logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+    return np.asarray(logits, dtype=np.float64)
+
+
+def best_epoch(log_history: list[dict[str, Any]], metric: str, greater_is_better: bool) -> float | None:
+    """The epoch of the best evaluation in a Trainer log history (None when nothing was evaluated)."""
+    key = metric if metric.startswith("eval_") else f"eval_{metric}"
+    evaluations = [entry for entry in log_history if key in entry]
+    if not evaluations:
+        return None
+    chosen = (max if greater_is_better else min)(evaluations, key=lambda entry: entry[key])
+    return float(chosen["epoch"])
