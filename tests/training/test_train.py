@@ -271,7 +271,7 @@ def load_evaluate_script():
     """scripts/evaluate_checkpoint.py as a module."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("evaluate_checkpoint", REPO_ROOT / "scripts" / "evaluate_checkpoint.py")
+    spec = importlib.util.spec_from_file_location("evaluate_checkpoint", REPO_ROOT / "scripts/evaluate_checkpoint.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(module)
