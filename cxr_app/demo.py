@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from modeling_cnn_lstm.fast_inference_cnn_lstm import CnnLstmFastInference
 from modeling_cnn_lstm.image_processing_cnn_lstm import CnnLstmImageProcessor
 
 from . import guardrails
@@ -87,6 +88,14 @@ class LoadedClassifier:
     labels: list[str]
     source: str
     black: torch.Tensor  # the processor's output for a black image: the IG baseline
+    runner: CnnLstmFastInference | None = None  # the opt-in fast CPU path for predictions; None on a GPU
+
+    def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Predictions: the fast CPU runner where there is one, else the model itself (fp32, on its device)."""
+        if self.runner is not None:
+            return self.runner(pixel_values)
+        with torch.inference_mode():
+            return self.model(pixel_values=pixel_values.to(next(self.model.parameters()).device)).logits
 
     @property
     def temperature(self) -> float:
@@ -136,16 +145,20 @@ def load_classifier(source: str, revision: str | None = None, settings: Saliency
         black = processor(np.zeros((8, 8, 1), np.float32), return_tensors="pt")["pixel_values"][:, :, :1, :1]
         size = processor.size
         black = black.expand(1, -1, size["height"], size["width"]).contiguous()
-        # warm-up: builds the fast CPU runner (bf16 copy or ONNX export) before users come
-        with torch.inference_mode():
-            model(pixel_values=black.to(device))
+        runner = None
+        if torch.device(device).type == "cpu":  # predictions only; saliency keeps the model's own fp32 graph
+            runner = model.fast_cpu_inference()  # checks and times the candidates: the app's warm-up
+            logger.info("predictions run on %s: %s", runner.backend, runner.reason)
+        else:
+            with torch.inference_mode():  # warm-up: first-call allocations before users come
+                model(pixel_values=black.to(device))
     except Exception as error:  # noqa: BLE001 - a bad device setting or a broken checkpoint: say so, keep running
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         reason = f"Preparing `{source}`{at} on {device} failed: {first_line}"
         raise ModelUnavailable(no_model_message(reason)) from None
     labels = [model.config.id2label[index] for index in range(model.config.num_labels)]
     logger.info("serving %s%s on %s", source, at, device)
-    return LoadedClassifier(model, processor, explainer, labels, f"{source}{at}", black)
+    return LoadedClassifier(model, processor, explainer, labels, f"{source}{at}", black, runner)
 
 
 def _as_user_error(action: str) -> Callable:
@@ -223,9 +236,7 @@ class CxrDemo:
         return classifier, image, pixel_values
 
     def _probabilities(self, classifier: LoadedClassifier, pixel_values: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            logits = classifier.model(pixel_values=pixel_values.to(next(classifier.model.parameters()).device)).logits
-        return logits[0].float().softmax(-1).cpu()
+        return classifier.logits(pixel_values)[0].float().softmax(-1).cpu()
 
     def predict(self, file: Any) -> tuple[dict[str, float], str]:
         """Upload -> ({label: probability}, a Markdown summary with the warnings and the caveat)."""

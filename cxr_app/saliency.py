@@ -2,14 +2,16 @@
 
 Why these three: Grad-CAM on the last convolutional block is cheap (one trunk forward, a backward through the small
 head only) and coarse (7x7); Integrated Gradients is pixel-level and satisfies completeness but needs many
-forward+backward passes; Occlusion needs no gradients at all (it asks "what if this patch were not there"), so it
-also runs on the fast no-gradient inference path. Their defaults are chosen to stay under ~15 s on a 2-core CPU
+forward+backward passes; Occlusion needs no gradients at all (it asks "what if this patch were not there"). Their
+defaults are chosen to stay under ~15 s on a 2-core CPU
 (scripts/benchmark_app.py) while remaining meaningful: IG with 16 Gauss-Legendre steps from a black image,
 Occlusion with 56 px windows at a 28 px stride (a 7x7 grid of positions, like the feature map) filled with the
 image's mean.
 
-The model stays in eval mode. Captum needs a forward that returns a tensor, so the model is wrapped. On CUDA, cuDNN
-refuses the LSTM backward in eval mode; attribution runs under `torch.backends.cudnn.flags(enabled=False)`.
+The model stays in eval mode and every method runs it in exact fp32 (never the opt-in fast CPU runner, which may be
+bf16): a map explains the model's own numbers. Captum needs a forward that returns a tensor: the model package's
+`CnnLstmLogits`. On CUDA, cuDNN refuses the LSTM backward in eval mode; attribution runs under
+`torch.backends.cudnn.flags(enabled=False)`.
 
 Not part of the Hub-uploaded model: nothing in the model files imports this module.
 """
@@ -27,13 +29,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from modeling_cnn_lstm.fast_inference_cnn_lstm import CnnLstmLogits
 from modeling_cnn_lstm.image_processing_cnn_lstm import pad_box
-
-try:  # the model package's test for native bfloat16 (AVX512-BF16/AMX); absent in older copies of the package
-    from modeling_cnn_lstm.fast_inference_cnn_lstm import cpu_has_native_bf16
-except ImportError:  # pragma: no cover
-    def cpu_has_native_bf16() -> bool:
-        return False
 
 GRAD_CAM, INTEGRATED_GRADIENTS, OCCLUSION = "Grad-CAM", "Integrated Gradients", "Occlusion"
 METHODS = (GRAD_CAM, INTEGRATED_GRADIENTS, OCCLUSION)
@@ -50,19 +47,6 @@ class SaliencySettings:
     occlusion_stride: float = 0.125  # 28 px at 224
     occlusion_batch_size: int = 8
     ig_smoothing: int = 7  # box filter (px at model input) over |IG|: pixel-level maps are speckled otherwise
-
-
-class LogitsOnly(nn.Module):
-    """The classifier as a tensor-valued function of pixel values (Captum needs a tensor, not a ModelOutput)."""
-
-    def __init__(self, model: nn.Module, probabilities: bool = False) -> None:
-        super().__init__()
-        self.model = model
-        self.probabilities = probabilities
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        logits = self.model(pixel_values=pixel_values).logits
-        return logits.softmax(-1) if self.probabilities else logits
 
 
 class HeadOnly(nn.Module):
@@ -122,14 +106,6 @@ class Explainer:
         self.settings = settings or SaliencySettings()
         self.device = next(self.model.parameters()).device
 
-    def _trunk_precision(self):
-        """bfloat16 autocast for the no-gradient trunk where the CPU runs it natively (as the model's own fast
-        path does, so Grad-CAM explains the same prediction); fp32 elsewhere."""
-        backend = getattr(self.model.config, "cpu_inference_backend", "torch")
-        if self.device.type == "cpu" and backend in ("auto", "bf16") and cpu_has_native_bf16():
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def predicted_class(self, pixel_values: torch.Tensor) -> int:
         with torch.inference_mode():
             return int(self.model(pixel_values=pixel_values).logits[0].argmax())
@@ -137,8 +113,8 @@ class Explainer:
     def gradcam(self, pixel_values: torch.Tensor, target: int | None) -> tuple[np.ndarray | None, int]:
         from captum.attr import LayerAttribution, LayerGradCam
 
-        with torch.no_grad(), self._trunk_precision():  # the trunk's output is all Grad-CAM needs from it
-            feature_map = self.model.forward_features(pixel_values).float()
+        with torch.no_grad():  # the trunk's output is all Grad-CAM needs from it
+            feature_map = self.model.forward_features(pixel_values)
         head = HeadOnly(self.model)
         if target is None:  # the head's own answer: no second forward pass
             with torch.no_grad():
@@ -154,7 +130,7 @@ class Explainer:
         from captum.attr import IntegratedGradients
 
         steps, batch = self.settings.ig_steps, self.settings.ig_internal_batch_size
-        forward = _CountingForward(LogitsOnly(self.model), math.ceil(steps / batch), progress, INTEGRATED_GRADIENTS)
+        forward = _CountingForward(CnnLstmLogits(self.model), math.ceil(steps / batch), progress, INTEGRATED_GRADIENTS)
         attributions = IntegratedGradients(forward).attribute(
             pixel_values, baselines=baseline, target=target, n_steps=steps, internal_batch_size=batch
         )
@@ -177,7 +153,8 @@ class Explainer:
         positions = ((pixel_values.shape[-2] - window) // stride + 1) * ((side - window) // stride + 1)
         per_eval = self.settings.occlusion_batch_size
         total = 1 + math.ceil(positions / per_eval)
-        forward = _CountingForward(LogitsOnly(self.model, probabilities=True), total, progress, OCCLUSION)
+        logits = CnnLstmLogits(self.model)
+        forward = _CountingForward(lambda inputs: logits(inputs).softmax(-1), total, progress, OCCLUSION)
         # Each patch is replaced by the image's own mean (per channel): no artificial black or white edges.
         fill = pixel_values.mean(dim=(2, 3), keepdim=True).expand_as(pixel_values).contiguous()
         attributions = Occlusion(forward).attribute(
@@ -262,7 +239,6 @@ __all__ = [
     "OCCLUSION",
     "Explainer",
     "HeadOnly",
-    "LogitsOnly",
     "SaliencySettings",
     "colourise",
     "map_to_image",

@@ -3,6 +3,7 @@
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
 from .configuration_cnn_lstm import PAPER_BLOCK_WIDTHS, CnnLstmConfig
+from .fast_inference_cnn_lstm import CnnLstmFastInference, CnnLstmLogits
 from .image_processing_cnn_lstm import CnnLstmImageProcessor
 from .modeling_cnn_lstm import CnnLstmForImageClassification, CnnLstmModel, CnnLstmPreTrainedModel
 
@@ -25,8 +26,10 @@ CnnLstmImageProcessor.register_for_auto_class("AutoImageProcessor")
 __all__ = [
     "PAPER_BLOCK_WIDTHS",
     "CnnLstmConfig",
+    "CnnLstmFastInference",
     "CnnLstmForImageClassification",
     "CnnLstmImageProcessor",
+    "CnnLstmLogits",
     "CnnLstmModel",
     "CnnLstmPreTrainedModel",
 ]

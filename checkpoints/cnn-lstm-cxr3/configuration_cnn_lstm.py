@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
 try:  # transformers >= 5 spells it PreTrainedConfig; older releases only PretrainedConfig.
     from transformers import PreTrainedConfig
 except ImportError:  # pragma: no cover - exercised only on old transformers
@@ -15,10 +17,8 @@ except ImportError:  # pragma: no cover - exercised only on old transformers
 PAPER_BLOCK_WIDTHS: list[list[int]] = [[64, 64], [128, 128], [256, 256], [512, 512, 512], [512, 512, 512]]
 DEFAULT_ID2LABEL: dict[int, str] = {0: "COVID-19", 1: "Normal", 2: "Pneumonia"}
 HEAD_TYPES = ("lstm", "dense")
-CPU_INFERENCE_BACKENDS = ("auto", "bf16", "onnxruntime", "torch")
-# ImageNet statistics: the processor's default, so that timm backbones with pretrained weights work unchanged.
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
+# Keys that older versions saved and that are no longer hyperparameters: dropped on load, never saved again.
+REMOVED_KEYS = ("cpu_inference_backend",)  # how to run on a CPU is the caller's choice: model.fast_cpu_inference()
 
 
 class CnnLstmConfig(PreTrainedConfig):
@@ -54,11 +54,7 @@ class CnnLstmConfig(PreTrainedConfig):
         calibration_temperature (`float`, *optional*, defaults to 1.0):
             Temperature-scaling calibration: the reported logits are divided by it (argmax is unchanged).
         image_mean, image_std (`list[float]`, *optional*): Normalization statistics, copied into the processor.
-        cpu_inference_backend (`str`, *optional*, defaults to `"auto"`):
-            How CPU inference without gradients runs (training and attribution always use PyTorch fp32):
-            `"bf16"`, a bfloat16 channels-last copy of the weights (~2x faster where the CPU has native bf16);
-            `"onnxruntime"`, an exported fp32 graph (same numerics, ~1.3x faster); `"torch"`, plain fp32 PyTorch;
-            `"auto"`, bf16 where the CPU supports it natively, else onnxruntime if installed, else torch.
+            Default: ImageNet's, so that timm backbones with pretrained weights work unchanged.
     """
 
     model_type = "cnn_lstm"
@@ -83,9 +79,10 @@ class CnnLstmConfig(PreTrainedConfig):
         calibration_temperature: float = 1.0,
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
-        cpu_inference_backend: str = "auto",
         **kwargs: Any,
     ) -> None:
+        for key in REMOVED_KEYS:  # PreTrainedConfig would keep an unknown key as an attribute and save it again
+            kwargs.pop(key, None)
         if "id2label" not in kwargs and "num_labels" not in kwargs:
             kwargs["id2label"] = dict(DEFAULT_ID2LABEL)
         self.backbone = backbone
@@ -104,9 +101,8 @@ class CnnLstmConfig(PreTrainedConfig):
         self.num_channels = num_channels
         self.image_size = image_size
         self.calibration_temperature = calibration_temperature
-        self.image_mean = list(image_mean) if image_mean is not None else list(IMAGENET_MEAN)
-        self.image_std = list(image_std) if image_std is not None else list(IMAGENET_STD)
-        self.cpu_inference_backend = cpu_inference_backend
+        self.image_mean = list(image_mean) if image_mean is not None else list(IMAGENET_DEFAULT_MEAN)
+        self.image_std = list(image_std) if image_std is not None else list(IMAGENET_DEFAULT_STD)
         self._validate()
         super().__init__(**kwargs)
         if self.id2label is not None and not self.label2id:
@@ -126,11 +122,6 @@ class CnnLstmConfig(PreTrainedConfig):
 
         if not isinstance(self.backbone, str) or not self.backbone:
             raise ValueError(f"CnnLstmConfig.backbone must be 'paper' or a timm model name, got {self.backbone!r}")
-        if self.cpu_inference_backend not in CPU_INFERENCE_BACKENDS:
-            raise ValueError(
-                f"CnnLstmConfig.cpu_inference_backend must be one of {CPU_INFERENCE_BACKENDS}, "
-                f"got {self.cpu_inference_backend!r}"
-            )
         if self.head_type not in HEAD_TYPES:
             raise ValueError(f"CnnLstmConfig.head_type must be one of {HEAD_TYPES}, got {self.head_type!r}")
         if not self.block_widths or not all(isinstance(block, list) and block for block in self.block_widths):

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 try:
     from PIL import Image
@@ -212,8 +213,8 @@ class CnnLstmImageProcessor(BaseImageProcessor):
         self.do_rescale = do_rescale
         self.rescale_factor = rescale_factor
         self.do_normalize = do_normalize
-        self.image_mean = list(image_mean) if image_mean is not None else [0.485, 0.456, 0.406][:num_channels]
-        self.image_std = list(image_std) if image_std is not None else [0.229, 0.224, 0.225][:num_channels]
+        self.image_mean = list(image_mean) if image_mean is not None else list(IMAGENET_DEFAULT_MEAN)[:num_channels]
+        self.image_std = list(image_std) if image_std is not None else list(IMAGENET_DEFAULT_STD)[:num_channels]
         self.num_channels = num_channels
         self._check_settings(self.__dict__)
 

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttention, ImageClassifierOutput
 
 from .configuration_cnn_lstm import CnnLstmConfig
-from .fast_inference_cnn_lstm import CnnLstmFastInference, resolve_backend
+from .fast_inference_cnn_lstm import CnnLstmFastInference, TrialSettings
 
 try:  # transformers >= 5: init functions that skip tensors already loaded from a checkpoint.
     from transformers import initialization as init
@@ -231,30 +231,7 @@ class CnnLstmForImageClassification(CnnLstmPreTrainedModel):
         num_steps = encoder.out_size * encoder.out_size
         head_class = CnnLstmSequenceHead if config.head_type == "lstm" else CnnLstmDenseHead
         self.head = head_class(config, encoder.out_channels, num_steps)
-        self._fast_inference = CnnLstmFastInference()
         self.post_init()
-
-    def _fast_path_applies(self, pixel_values: torch.Tensor) -> bool:
-        """The fast runners stand in only where nothing needs PyTorch: CPU fp32 eval without gradients or tracing."""
-        return (
-            self.config.cpu_inference_backend != "torch"
-            and not self.training
-            and not torch.is_grad_enabled()
-            and pixel_values.device.type == "cpu"
-            and pixel_values.dtype == torch.float32
-            and self.head.classifier.weight.dtype == torch.float32
-            and self.head.classifier.weight.device.type == "cpu"
-            and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing()
-            and not torch.onnx.is_in_onnx_export()
-            and not self._has_forward_hooks()
-        )
-
-    def _has_forward_hooks(self) -> bool:
-        """Hooks (feature extraction, Captum layer methods) must see this model run, not a fast copy of it."""
-        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-            return True
-        return any(module._forward_hooks or module._forward_pre_hooks for module in self.modules())
 
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pixel values -> the trunk's last feature map (batch, channels, height, width)."""
@@ -276,12 +253,6 @@ class CnnLstmForImageClassification(CnnLstmPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        if labels is None and not output_hidden_states and self._fast_path_applies(pixel_values):
-            self._check_pixel_values(pixel_values)
-            backend = resolve_backend(self.config.cpu_inference_backend)
-            logits = self._fast_inference.logits(self, pixel_values, backend)
-            if logits is not None:
-                return ImageClassifierOutput(logits=logits) if return_dict else (logits,)
         outputs = self.cnn_lstm(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.forward_head(outputs.last_hidden_state)
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
@@ -289,6 +260,17 @@ class CnnLstmForImageClassification(CnnLstmPreTrainedModel):
             output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
             return ((loss,) + output) if loss is not None else output
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+    def fast_cpu_inference(self, backend: str = "auto", trial: TrialSettings | None = None) -> CnnLstmFastInference:
+        """Opt-in faster CPU serving: `runner = model.fast_cpu_inference(); logits = runner(pixel_values)`.
+
+        `forward` stays the exact fp32 graph; the runner is a snapshot of the current weights in one of
+        `"torch"` (eager fp32), `"channels_last"` (fp32), `"onnxruntime"` (fp32, exported in memory) or `"bf16"`.
+        `"auto"` checks each against eager fp32 and times them briefly (about 10 s for the paper model on 2 cores,
+        once per process and model shape), keeping eager fp32 unless another is measurably faster here. See
+        `CnnLstmFastInference` for its attributes (`backend`, `reason`, `timings`).
+        """
+        return CnnLstmFastInference(self, backend, trial)
 
 
 __all__ = ["CnnLstmPreTrainedModel", "CnnLstmModel", "CnnLstmForImageClassification"]

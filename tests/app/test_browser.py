@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.app_testkit import LABELS, REPO_ROOT, served_tiny_checkpoint
-
+LABELS = ["COVID-19", "Normal", "Pneumonia"]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -35,18 +34,12 @@ def browser():
         browser.close()
 
 
-@pytest.fixture(scope="module")
-def app_url(tmp_path_factory: pytest.TempPathFactory):
-    with served_tiny_checkpoint(tmp_path_factory.mktemp("app-browser")) as url:
-        yield url
-
-
-def test_upload_shows_label_and_overlay(browser, app_url, tmp_path):
+def test_upload_shows_label_and_overlay(browser, tiny_app_url, example_xrays, tmp_path):
     page = browser.new_page(viewport={"width": 1280, "height": 1100})
     try:
-        page.goto(app_url, wait_until="networkidle", timeout=60_000)
+        page.goto(tiny_app_url, wait_until="networkidle", timeout=60_000)
         assert "Research use only" in page.locator("#disclaimer").inner_text()
-        xray = REPO_ROOT / "examples" / "normal-nih-a1cfe38864ff.jpg"
+        xray = example_xrays["normal"][1]  # normal-nih-a1cfe38864ff.jpg, 512x512
         page.locator("#xray-file input[type=file]").set_input_files(str(xray))
         label = page.locator('[data-testid="label-output-value"]')
         label.wait_for(timeout=120_000)

@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxr_app.saliency import METHODS, Explainer, LogitsOnly, map_to_image, render_overlay
-from modeling_cnn_lstm import CnnLstmForImageClassification
-from tests.app_testkit import make_checkpoint
+from cxr_app.saliency import METHODS, Explainer, map_to_image, render_overlay
+from modeling_cnn_lstm import CnnLstmForImageClassification, CnnLstmLogits
 
 
 class TopLeftModel(nn.Module):
@@ -23,7 +22,7 @@ class TopLeftModel(nn.Module):
 
     def __init__(self, size: int = 32) -> None:
         super().__init__()
-        self.config = SimpleNamespace(cpu_inference_backend="torch", image_size=size, feature_map_size=size // 4)
+        self.config = SimpleNamespace(image_size=size, feature_map_size=size // 4)
         self.gain = nn.Parameter(torch.ones(()))
 
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -62,14 +61,18 @@ def test_each_method_points_at_the_evidence(method):
         assert reports[-1] == (pytest.approx(1.0), method)
 
 
-def test_gradcam_equals_captum_on_the_last_conv_block(tmp_path):
+def test_gradcam_equals_captum_on_the_last_conv_block(tmp_path, monkeypatch, make_checkpoint):
     from captum.attr import LayerAttribution, LayerGradCam
 
-    make_checkpoint(tmp_path, cpu_inference_backend="torch")  # fp32 everywhere: exact comparison
+    from modeling_cnn_lstm import fast_inference_cnn_lstm
+
+    # exact fp32 even where the CPU has native bf16 (a bf16 trunk would be ~1e-2 off)
+    monkeypatch.setattr(fast_inference_cnn_lstm, "cpu_has_native_bf16", lambda flags=None: True)
+    make_checkpoint(tmp_path)  # saliency runs the model's fp32 graph: an exact comparison
     model = CnnLstmForImageClassification.from_pretrained(tmp_path).eval()
     pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     ours, target = Explainer(model).attribute(pixels, "Grad-CAM", target=2)
-    reference = LayerGradCam(LogitsOnly(model), model.cnn_lstm.encoder.blocks[-1]).attribute(
+    reference = LayerGradCam(CnnLstmLogits(model), model.cnn_lstm.encoder.blocks[-1]).attribute(
         pixels, target=2, relu_attributions=True
     )
     reference = LayerAttribution.interpolate(reference, (32, 32), interpolate_mode="bilinear")[0, 0]
@@ -78,8 +81,8 @@ def test_gradcam_equals_captum_on_the_last_conv_block(tmp_path):
     assert not model.training  # eval mode throughout
 
 
-def test_predicted_target_is_the_models_answer(tmp_path):
-    make_checkpoint(tmp_path, cpu_inference_backend="torch")
+def test_predicted_target_is_the_models_answer(tmp_path, make_checkpoint):
+    make_checkpoint(tmp_path)
     model = CnnLstmForImageClassification.from_pretrained(tmp_path).eval()
     for seed in range(3):
         pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(seed))

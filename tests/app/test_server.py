@@ -9,33 +9,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.app_testkit import (
-    LABELS,
-    NON_RADIOGRAPHS,
-    free_port,
-    huge_png,
-    png_bytes,
-    rgba_xray_png,
-    served_tiny_checkpoint,
-    sixteen_bit_png,
-    write,
-    xray_as_dicom,
-)
-
+LABELS = ["COVID-19", "Normal", "Pneumonia"]
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    with served_tiny_checkpoint(tmp_path_factory.mktemp("app-server")) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(server: str):
+def client(tiny_app_url: str):
     from gradio_client import Client
 
-    return Client(server, verbose=False)
+    return Client(tiny_app_url, verbose=False)
 
 
 def predict(client, path: Path) -> tuple[dict, str]:
@@ -56,10 +38,10 @@ def test_named_endpoints(client):
     assert explain_parameters == ["file", "method", "target"]
 
 
-def test_predict_and_explain_a_real_xray(client, cxr3_dir):
+def test_predict_and_explain_a_real_xray(client, example_xrays):
     from gradio_client import handle_file
 
-    xray = next(path for path in sorted((cxr3_dir / "images" / "covid19").glob("*.jpg"))
+    xray = next(path for paths in example_xrays.values() for path in paths
                 if abs(Image.open(path).width / Image.open(path).height - 1) > 0.1)
     label, summary = predict(client, xray)
     assert sorted(item["label"] for item in label["confidences"]) == sorted(LABELS)
@@ -76,48 +58,51 @@ def test_predict_and_explain_a_real_xray(client, cxr3_dir):
 @pytest.mark.parametrize(
     ("name", "make", "message"),
     [
-        ("corrupt.png", lambda tmp, xray: write(tmp / "corrupt.png", b"\x89PNG\r\n\x1a\n" + bytes(3000)), "damaged"),
-        ("text.png", lambda tmp, xray: write(tmp / "text.png", b"just some text\n" * 20), "contains text"),
-        ("1x1.png", lambda tmp, xray: write(tmp / "1x1.png", png_bytes(Image.new("L", (1, 1)))), "too small"),
-        ("huge.png", lambda tmp, xray: huge_png(tmp / "huge.png"), "too large"),
+        ("corrupt.png", lambda files, xray: files.write("corrupt.png", b"\x89PNG\r\n\x1a\n" + bytes(3000)), "damaged"),
+        ("text.png", lambda files, xray: files.write("text.png", b"just some text\n" * 20), "contains text"),
+        ("1x1.png", lambda files, xray: files.save("1x1.png", Image.new("L", (1, 1))), "too small"),
+        ("huge.png", lambda files, xray: files.huge_png("huge.png"), "too large"),
     ],
 )
-def test_bad_inputs_get_their_message(client, tmp_path, xray_paths, name, make, message):
+def test_bad_inputs_get_their_message(client, files, example_xrays, name, make, message):
     from gradio_client.exceptions import AppError
 
     with pytest.raises(AppError, match=message) as caught:
-        predict(client, make(tmp_path, xray_paths["normal"][0]))
+        predict(client, make(files, example_xrays["normal"][0]))
     assert "Traceback" not in str(caught.value)
-    assert_serving(client, xray_paths["normal"][0])
+    assert_serving(client, example_xrays["normal"][0])
 
 
 @pytest.mark.parametrize(
     ("name", "make", "expected"),
     [
-        ("16-bit PNG", lambda tmp, xray: sixteen_bit_png(tmp / "16.png"), "16-bit image"),
-        ("RGBA", lambda tmp, xray: rgba_xray_png(xray, tmp / "rgba.png"), "composited on black"),
-        ("MONOCHROME1", lambda tmp, xray: xray_as_dicom(xray, tmp / "m1.dcm", "MONOCHROME1"), "MONOCHROME1"),
-        ("colour photo", lambda tmp, xray: write(tmp / "photo.jpg", png_bytes(NON_RADIOGRAPHS["colour photo"](1),
-                                                                               "JPEG")),
-         "does not look like a frontal chest radiograph"),
+        ("16-bit PNG", lambda files, xray: files.sixteen_bit_png("16.png"), "16-bit image"),
+        ("RGBA", lambda files, xray: files.rgba_xray_png(xray, "rgba.png"), "composited on black"),
+        ("MONOCHROME1", lambda files, xray: files.xray_as_dicom(xray, "m1.dcm", "MONOCHROME1"), "MONOCHROME1"),
     ],
 )
-def test_unusual_inputs_are_answered_with_notes(client, tmp_path, xray_paths, name, make, expected):
-    label, summary = predict(client, make(tmp_path, xray_paths["pneumonia"][0]))
+def test_unusual_inputs_are_answered_with_notes(client, files, example_xrays, name, make, expected):
+    label, summary = predict(client, make(files, example_xrays["pneumonia"][0]))
     assert label["label"] in LABELS and expected in summary
-    assert_serving(client, xray_paths["normal"][0])
+    assert_serving(client, example_xrays["normal"][0])
 
 
-def test_unknown_method_is_an_error_not_a_crash(client, xray_paths):
+def test_colour_photo_is_answered_with_a_warning(client, files, non_radiograph, example_xrays):
+    label, summary = predict(client, files.save("photo.jpg", non_radiograph("colour photo", 1), "JPEG"))
+    assert label["label"] in LABELS and "does not look like a frontal chest radiograph" in summary
+    assert_serving(client, example_xrays["normal"][0])
+
+
+def test_unknown_method_is_an_error_not_a_crash(client, example_xrays):
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError
 
     with pytest.raises(AppError, match="is not in the list of choices"):
-        client.predict(handle_file(str(xray_paths["normal"][0])), "LIME", "Predicted class", api_name="/explain")
-    assert_serving(client, xray_paths["normal"][0])
+        client.predict(handle_file(str(example_xrays["normal"][0])), "LIME", "Predicted class", api_name="/explain")
+    assert_serving(client, example_xrays["normal"][0])
 
 
-def test_no_model_state(tmp_path, monkeypatch, xray_paths):
+def test_no_model_state(tmp_path, monkeypatch, example_xrays, free_port):
     """The default checkpoint folder missing: the page says so and every call answers with the instructions."""
     import urllib.request
 
@@ -137,7 +122,7 @@ def test_no_model_state(tmp_path, monkeypatch, xray_paths):
         client = Client(url, verbose=False)
         for _ in range(2):  # and it keeps answering
             with pytest.raises(AppError, match="No trained model is installed") as caught:
-                predict(client, xray_paths["normal"][0])
+                predict(client, example_xrays["normal"][0])
             assert "train/run.py" in str(caught.value) and "--model" in str(caught.value)
     finally:
         demo.close()

@@ -21,8 +21,8 @@ def processor() -> CnnLstmImageProcessor:
 
 
 @pytest.fixture(scope="module")
-def xray(xray_paths) -> Image.Image:
-    with Image.open(xray_paths["normal"][0]) as image:
+def xray(example_xrays) -> Image.Image:
+    with Image.open(example_xrays["normal"][0]) as image:
         image.load()
         return image
 
@@ -113,8 +113,8 @@ def test_pad_mode_keeps_aspect_ratio():
     assert torch.allclose(values[56:168], torch.full((112, 224), 200.0), atol=1e-3)
 
 
-def test_batches(processor, xray_paths):
-    images = [Image.open(path) for paths in xray_paths.values() for path in paths[:2]]
+def test_batches(processor, example_xrays):
+    images = [Image.open(path) for paths in example_xrays.values() for path in paths[:2]]
     batch = processor(images)["pixel_values"]
     assert batch.shape == (6, 3, 224, 224)
     assert torch.allclose(batch[3], processor(images[3])["pixel_values"][0])

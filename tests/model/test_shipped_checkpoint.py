@@ -71,6 +71,7 @@ def test_card_states_the_report_numbers(report: dict):
     assert report["num_samples"] == 209  # the whole patient-disjoint test split of ../shared/data/cxr3
 
 
+@pytest.mark.shared_data
 def test_fresh_process_pipeline_reproduces_the_reported_test_predictions(
     report: dict, cxr3_dir: Path, tmp_path: Path
 ):
@@ -124,7 +125,7 @@ def _undecoded():
 
 
 @pytest.mark.slow
-def test_python_app_py_serves_the_trained_model(report: dict, tmp_path: Path):
+def test_python_app_py_serves_the_trained_model(report: dict, tmp_path: Path, app_server):
     """`python app.py` with no arguments (a fresh clone) serves this checkpoint: the example images get the same
     calibrated probabilities as the model computes here, and Grad-CAM returns an overlay."""
     import torch
@@ -132,14 +133,11 @@ def test_python_app_py_serves_the_trained_model(report: dict, tmp_path: Path):
     from PIL import Image
 
     from modeling_cnn_lstm import CnnLstmForImageClassification, CnnLstmImageProcessor
-    from tests.app_testkit import start_app, stop_app
 
-    model = CnnLstmForImageClassification.from_pretrained(SHIPPED).eval()
-    model.config.cpu_inference_backend = "torch"
+    model = CnnLstmForImageClassification.from_pretrained(SHIPPED).eval()  # forward: the exact fp32 graph
     processor = CnnLstmImageProcessor.from_pretrained(SHIPPED)
     examples = sorted((REPO_ROOT / "examples").glob("*.jpg"))[:3]
-    process, url = start_app(None, tmp_path)
-    try:
+    with app_server(None, tmp_path) as url:
         client = Client(url, verbose=False)
         for path in examples:
             label, summary = client.predict(handle_file(str(path)), api_name="/predict")
@@ -147,7 +145,7 @@ def test_python_app_py_serves_the_trained_model(report: dict, tmp_path: Path):
             with Image.open(path) as image, torch.no_grad():
                 inputs = processor(image.convert("L"), return_tensors="pt")
                 expected = model(**inputs).logits.softmax(-1)[0].tolist()  # the config's temperature applied
-            # the app's CPU forward may run the bf16 copy on CPUs with native bf16 (ONNX Runtime fp32 elsewhere)
+            # the app predicts through model.fast_cpu_inference(): fp32 here, bf16 where a CPU runs it faster
             for name, probability in zip(LABELS, expected, strict=True):
                 assert served[name] == pytest.approx(probability, abs=0.02), (path.name, name)
             top, second = sorted(expected)[-2:][::-1]
@@ -160,5 +158,3 @@ def test_python_app_py_serves_the_trained_model(report: dict, tmp_path: Path):
             pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
         coloured = (pixels.max(axis=2) - pixels.min(axis=2)) > 30
         assert coloured.mean() > 0.01 and "Grad-CAM" in note
-    finally:
-        stop_app(process)

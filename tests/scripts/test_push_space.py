@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.app_testkit import REPO_ROOT, make_checkpoint
-from tests.hub_standin import HubStandIn, hub_env, hub_standin_fixture, run_python  # noqa: F401 - registers the fixture
+from tests.hub_standin import HubStandIn, hub_env, run_python
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 SPACE = "standin-user/cnn-lstm-demo"
 
@@ -52,7 +52,7 @@ def test_space_without_checkpoint(hub_standin, tmp_path):
     assert all(name in requirements for name in ("torch", "transformers", "captum", "pydicom"))
 
 
-def test_space_with_checkpoint_runs_on_its_own(hub_standin, tmp_path):
+def test_space_with_checkpoint_runs_on_its_own(hub_standin, tmp_path, make_checkpoint):
     make_checkpoint(tmp_path / "final")
     push(hub_standin, tmp_path, "--checkpoint", str(tmp_path / "final"))
     files = hub_standin.list_files(SPACE, "space")
@@ -85,7 +85,7 @@ def test_space_with_checkpoint_runs_on_its_own(hub_standin, tmp_path):
     assert "LABELS ['COVID-19', 'Normal', 'Pneumonia']" in out
 
 
-def test_app_serves_a_hub_model_at_a_revision(hub_standin, tmp_path):
+def test_app_serves_a_hub_model_at_a_revision(hub_standin, tmp_path, make_checkpoint):
     """`CNN_LSTM_MODEL` + `CNN_LSTM_REVISION` (what --model/--revision set): the app loads a pushed checkpoint."""
     make_checkpoint(tmp_path / "final")
     code = textwrap.dedent(
