@@ -33,6 +33,7 @@ import torch
 from transformers import HfArgumentParser, TrainerCallback, TrainingArguments, set_seed
 
 from modeling_cnn_lstm import CnnLstmConfig, CnnLstmForImageClassification
+from train.atomic import atomic_write_text
 from train.training.arguments import ModelArguments
 from train.training.hardware import choose_cpu_precision, cpu_model_name
 from train.training.input_pipeline import CachedSplit, UInt8ImageDataset, collate_uint8
@@ -70,11 +71,11 @@ class BenchmarkArguments:
 def model_config(args: BenchmarkArguments) -> CnnLstmConfig:
     size = {} if args.image_size is None else {"image_size": args.image_size}
     if args.model_config == "paper":
-        return CnnLstmConfig(use_batch_norm=args.use_batch_norm, cpu_inference_backend="torch", **size)
+        return CnnLstmConfig(use_batch_norm=args.use_batch_norm, **size)
     settings = json.loads(Path(args.model_config).read_text())
     model_fields = set(ModelArguments.__dataclass_fields__)
     model_args = ModelArguments(**{key: value for key, value in settings.items() if key in model_fields})
-    return model_args.build_config(cpu_inference_backend="torch", **size)
+    return model_args.build_config(**size)
 
 
 def synthetic_split(config: CnnLstmConfig, count: int, seed: int) -> CachedSplit:
@@ -244,19 +245,8 @@ def cpu_matrix(args: BenchmarkArguments, config: CnnLstmConfig, split: CachedSpl
     return summary
 
 
-def main(argv: list[str] | None = None) -> dict:
-    (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses(args=argv)
-    if args.steps < 1 or args.warmup_steps < 1:
-        raise ValueError("--steps and --warmup_steps must be >= 1 (timing starts at the end of a warm-up step)")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if args.cpu_matrix:
-        if device.type != "cpu":
-            raise ValueError("--cpu_matrix measures CPU settings: pass --device cpu")
-        config = model_config(args)
-        summary = cpu_matrix(args, config, synthetic_split(config, args.num_images, args.seed))
-        if args.output_json:
-            Path(args.output_json).write_text(json.dumps(summary, indent=2) + "\n")
-        return summary
+def compare_paths(args: BenchmarkArguments, device: torch.device) -> dict:
+    """The plain loop and the Trainer path on the same data and settings; prints both and their ratio."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
         torch.backends.cudnn.benchmark = True
@@ -291,8 +281,23 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"transformers.Trainer: {results['trainer']:.1f} images/s")
     print(f"ratio Trainer / plain: {summary['ratio']:.3f}")
     print(json.dumps(summary))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses(args=argv)
+    if args.steps < 1 or args.warmup_steps < 1:
+        raise ValueError("--steps and --warmup_steps must be >= 1 (timing starts at the end of a warm-up step)")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.cpu_matrix:
+        if device.type != "cpu":
+            raise ValueError("--cpu_matrix measures CPU settings: pass --device cpu")
+        config = model_config(args)
+        summary = cpu_matrix(args, config, synthetic_split(config, args.num_images, args.seed))
+    else:
+        summary = compare_paths(args, device)
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(args.output_json, json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -21,7 +21,8 @@ from pathlib import Path  # noqa: E402
 import datasets  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
-from train.corpus.build import LABEL_NAMES, CorpusError, CorpusOptions, build_corpus, push_corpus_to_hub  # noqa: E402
+from train.corpus.build import LABEL_NAMES, CorpusError, build_corpus, push_corpus_to_hub  # noqa: E402
+from train.corpus.options import CorpusOptions  # noqa: E402
 from train.corpus.report import SPLITS  # noqa: E402
 
 

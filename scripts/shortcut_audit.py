@@ -33,9 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import Dataset
-from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser
+from transformers import HfArgumentParser
 
+from train.atomic import atomic_write_text
 from train.metrics.cxr_metrics.cxr_metrics import compute_classification_metrics
+from train.training.checkpoint_loading import load_checkpoint
 from train.training.dataset_loading import load_split
 
 logger = logging.getLogger("shortcut_audit")
@@ -60,13 +62,6 @@ class AuditArguments:
     batch_size: int = field(default=32, metadata={"help": "Images per forward pass."})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda."})
     max_samples: int | None = field(default=None, metadata={"help": "Audit only the first N images (smoke runs)."})
-    cpu_inference_backend: str = field(
-        default="torch",
-        metadata={
-            "help": "CPU forward pass. Default torch: exact fp32 PyTorch, the same as scripts/evaluate_checkpoint.py, "
-            "whatever the checkpoint stores (its 'auto' would mean bf16 on CPUs with native bf16)."
-        },
-    )
 
 
 def lung_mask(height: int, width: int) -> torch.Tensor:
@@ -129,8 +124,10 @@ def class_shortcuts(conditions: dict[str, Any]) -> list[tuple[str, float, float]
     return [
         (name, original[name], masked[name])
         for name in original
-        if original[name] is not None and masked.get(name) is not None
-        and masked[name] >= CLASS_KEPT and original[name] - masked[name] <= CHANCE_MARGIN
+        if original[name] is not None
+        and masked.get(name) is not None
+        and masked[name] >= CLASS_KEPT
+        and original[name] - masked[name] <= CHANCE_MARGIN
     ]
 
 
@@ -209,13 +206,7 @@ def plot_mask(processor: Any, image: Any, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     (args,) = HfArgumentParser(AuditArguments).parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace(
-        "auto", "cpu"))  # fmt: skip
-    model = AutoModelForImageClassification.from_pretrained(args.model, trust_remote_code=True, dtype=torch.float32)
-    model = model.to(device).eval()
-    model.config.cpu_inference_backend = args.cpu_inference_backend  # default torch: exact fp32, as evaluate.py
-    processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=True)
-    label_names = [model.config.id2label[index] for index in range(model.config.num_labels)]
+    model, processor, label_names = load_checkpoint(args.model, args.device)
     dataset = load_split(Path(args.data_dir), args.split, label_names)
     if args.max_samples is not None:
         dataset = dataset.select(range(min(args.max_samples, len(dataset))))
@@ -233,8 +224,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "conditions": conditions,
         "interpretation": interpret(conditions, len(label_names)),
     }
-    (output_dir / "shortcut_audit.json").write_text(json.dumps(result, indent=2))
-    (output_dir / "shortcut_audit.md").write_text(render_markdown(result))
+    atomic_write_text(output_dir / "shortcut_audit.json", json.dumps(result, indent=2))
+    atomic_write_text(output_dir / "shortcut_audit.md", render_markdown(result))
     plot_mask(processor, dataset[0]["image"], output_dir / "shortcut_audit_mask.png")
     print(json.dumps(result))
     print(result["interpretation"], file=sys.stderr)

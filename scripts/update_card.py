@@ -7,8 +7,8 @@
 Each given result is stored in the folder's `report/metrics.json` (keys `cross_validation`, `shortcut_audit`,
 `leaky_protocol`); the card is rendered again from the repository's `model_card.md` and `report/report.md` from the
 same data. Results not given keep their stored value, and a result never run renders as "not run". Everything is
-rendered before anything is written, and each file is written to a temporary file in its folder and moved into
-place with `os.replace`, so an interrupted update never leaves a truncated card or metrics.json.
+rendered before anything is written, and each file is written atomically (`train.atomic.atomic_write_text`), so an
+interrupted update never leaves a truncated card or metrics.json.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from train.atomic import atomic_write_text
 from train.training.model_card import DEFAULT_TEMPLATE, card_context, render_model_card
-from train.training.report import atomic_write_text, render_report_markdown
+from train.training.report import render_report_markdown
 
 
 @dataclass

@@ -9,6 +9,8 @@ Stdlib only. Repos live under `root` (JSON state per repo plus a content-address
 commit history whose ids are 40-hex like git's. Regular files arrive base64-inline in the commit; files matching
 `lfs_patterns` (or bigger than `lfs_threshold`) go through the basic git-LFS upload, as on the Hub — `datasets`
 needs this, since it deletes each parquet shard right after `preupload_lfs_files`.
+
+Tests get a started one from the `hub_standin` fixture (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import subprocess
 import sys
 import threading
 import traceback
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -799,14 +800,3 @@ def run_python(code: str, env: dict[str, str], timeout: float = 300, cwd: str | 
             f"subprocess failed (rc={proc.returncode})\n--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
         )
     return proc.stdout
-
-
-@pytest.fixture(name="hub_standin")
-def hub_standin_fixture(tmp_path: Path) -> Iterator[HubStandIn]:
-    """A started stand-in storing its repos under tmp_path/"hub"; fails the test if the stand-in itself crashed.
-
-    Use it from a test module with `from hub_standin import hub_standin_fixture  # noqa: F401`.
-    """
-    with HubStandIn(tmp_path / "hub") as hub:
-        yield hub
-    assert not hub.errors, "hub stand-in crashed:\n" + "\n".join(hub.errors)

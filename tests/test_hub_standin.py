@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.hub_standin import HubStandIn, hub_env, hub_standin_fixture, run_python  # noqa: F401 - registers the fixture
+from tests.hub_standin import HubStandIn, hub_env, run_python
 
 USER = "standin-user"
 

@@ -14,10 +14,10 @@ import pytest
 from PIL import Image, ImageEnhance
 
 import train.corpus.build as corpus_module
-from tests.hub_standin import hub_standin_fixture  # noqa: F401  (registers the `hub_standin` fixture)
+from tests.hub_standin import hub_env, run_python
 from train.corpus.build import LABEL_NAMES, CorpusError, assign_groups, build_corpus, corpus_features
+from train.corpus.card import dataset_card
 from train.corpus.images import PHASH_THRESHOLD, hamming_distance, near_duplicate_pairs, perceptual_hash
-from train.corpus.report import dataset_card
 from train.corpus.sources import kaggle_patient_id, label_from_ieee8023_finding, read_source
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -88,6 +88,7 @@ def _frame(corpus) -> list[dict]:
 # --- labels, schema, splits ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.shared_data
 def test_label_names_and_schema(built) -> None:
     _, corpus, _, rows = built
     assert LABEL_NAMES == ("COVID-19", "Normal", "Pneumonia")
@@ -104,6 +105,7 @@ def test_label_names_and_schema(built) -> None:
     assert image.mode == "L" and max(image.size) <= 512
 
 
+@pytest.mark.shared_data
 def test_splits_are_patient_disjoint_and_folds_consistent(built) -> None:
     _, corpus, report, rows = built
     frame = _frame(corpus)
@@ -130,6 +132,7 @@ def test_splits_are_patient_disjoint_and_folds_consistent(built) -> None:
     assert len({item["split"] for item in frame if source_group[item["name"]] == EXTRA_GROUPS[1]}) == 1
 
 
+@pytest.mark.shared_data
 def test_report_numbers_match_the_dataset(built) -> None:
     output, corpus, report, rows = built
     frame = _frame(corpus)
@@ -164,6 +167,7 @@ def test_report_numbers_match_the_dataset(built) -> None:
     assert "patient_overlap_between_splits | 0" in markdown
 
 
+@pytest.mark.shared_data
 def test_same_seed_same_split_other_seed_other_split(subset, tmp_path: Path) -> None:
     from datasets import load_from_disk
 
@@ -224,6 +228,7 @@ NEAR_DUPLICATES = {
 }
 
 
+@pytest.mark.shared_data
 def test_phash_threshold_catches_real_near_duplicates(cxr3_dir: Path) -> None:
     paths = sorted((cxr3_dir / "images").rglob("*.jpg"))[::40]  # 26 real images over all sources and labels
     crop_one_percent = []
@@ -239,6 +244,7 @@ def test_phash_threshold_catches_real_near_duplicates(cxr3_dir: Path) -> None:
     assert np.mean(np.array(crop_one_percent) <= PHASH_THRESHOLD) >= 0.9, crop_one_percent
 
 
+@pytest.mark.shared_data
 def test_phash_keeps_distinct_real_images_apart(cxr3_dir: Path) -> None:
     """All 1,038 cxr3 images: no two images of different patient groups within the threshold (closest: 52 bits)."""
     rows = _metadata(cxr3_dir)
@@ -256,6 +262,7 @@ def test_phash_keeps_distinct_real_images_apart(cxr3_dir: Path) -> None:
     assert len(distances) == 200 * 199 // 2 and min(distances) > PHASH_THRESHOLD
 
 
+@pytest.mark.shared_data
 def test_duplicates_are_removed_or_merged(subset, tmp_path: Path) -> None:
     from datasets import load_from_disk
 
@@ -301,6 +308,7 @@ def test_duplicates_are_removed_or_merged(subset, tmp_path: Path) -> None:
 # --- protocols, pre-resizing, card ------------------------------------------------------------------------------
 
 
+@pytest.mark.shared_data
 def test_paper_protocol_is_image_level_and_marked_leaky(subset, tmp_path: Path) -> None:
     out = build_corpus([subset[0]], tmp_path / "paper", protocol="paper", **FAST)
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
@@ -313,6 +321,7 @@ def test_paper_protocol_is_image_level_and_marked_leaky(subset, tmp_path: Path) 
 
 
 @pytest.mark.parametrize(("fmt", "pil_format"), [("jpeg", "JPEG"), ("png", "PNG")])
+@pytest.mark.shared_data
 def test_pre_resized_corpus_stores_small_images(subset, tmp_path: Path, fmt: str, pil_format: str) -> None:
     from datasets import load_from_disk
 
@@ -328,6 +337,7 @@ def test_pre_resized_corpus_stores_small_images(subset, tmp_path: Path, fmt: str
     assert report["image_stats"]["all"]["width"]["max"] == 512  # statistics describe the source images
 
 
+@pytest.mark.shared_data
 def test_dataset_card_metadata_and_content(built) -> None:
     from huggingface_hub import DatasetCard
 
@@ -404,6 +414,7 @@ def ieee8023_tree(cxr3_dir: Path, tmp_path: Path) -> Path:
     return root
 
 
+@pytest.mark.shared_data
 def test_ieee8023_adapter(ieee8023_tree: Path) -> None:
     result = read_source(ieee8023_tree)
     assert result.layout == "ieee8023"
@@ -420,6 +431,7 @@ def test_ieee8023_adapter(ieee8023_tree: Path) -> None:
     assert label_from_ieee8023_finding("Tuberculosis") is None and label_from_ieee8023_finding("ARDS") is None
 
 
+@pytest.mark.shared_data
 def test_unknown_labels_fail_unless_dropped(ieee8023_tree: Path, tmp_path: Path) -> None:
     with pytest.raises(CorpusError, match=r"'todo'.*--drop_unknown_labels"):
         build_corpus([ieee8023_tree], tmp_path / "out", num_folds=2, **FAST)
@@ -453,6 +465,7 @@ def radiography_tree(cxr3_dir: Path, tmp_path: Path) -> Path:
     return root
 
 
+@pytest.mark.shared_data
 def test_covid19_radiography_adapter(radiography_tree: Path, tmp_path: Path) -> None:
     result = read_source(radiography_tree)
     assert result.layout == "covid19-radiography"
@@ -488,6 +501,7 @@ def pneumonia_tree(cxr3_dir: Path, tmp_path: Path) -> Path:
     return root
 
 
+@pytest.mark.shared_data
 def test_chest_xray_pneumonia_adapter(pneumonia_tree: Path) -> None:
     assert kaggle_patient_id("person12_bacteria_45.jpeg") == "kaggle:person12"
     assert kaggle_patient_id("NORMAL2-IM-1427-0001.jpeg") == "kaggle:NORMAL2-IM-1427"
@@ -502,6 +516,7 @@ def test_chest_xray_pneumonia_adapter(pneumonia_tree: Path) -> None:
     assert len(result.records) == 10 and not any("__MACOSX" in record.name for record in result.records)
 
 
+@pytest.mark.shared_data
 def test_build_from_several_layouts(subset, ieee8023_tree, radiography_tree, pneumonia_tree, tmp_path: Path) -> None:
     from datasets import load_from_disk
 
@@ -533,6 +548,7 @@ def small_source(subset, tmp_path: Path) -> tuple[Path, list[dict]]:
     return source, [dict(row) for row in subset[1]]
 
 
+@pytest.mark.shared_data
 def test_bad_images_are_skipped_and_listed(small_source, tmp_path: Path) -> None:
     source, rows = small_source
     real = (source / rows[0]["file"]).read_bytes()
@@ -559,6 +575,7 @@ def test_bad_images_are_skipped_and_listed(small_source, tmp_path: Path) -> None
     assert any("differently from its images/<label>/ folder" in note for note in report["notes"])  # notes.jpg
 
 
+@pytest.mark.shared_data
 def test_missing_listed_files_fail_or_skip(small_source, tmp_path: Path) -> None:
     source, rows = small_source
     _write_metadata(source, rows + [{**rows[0], "file": "images/covid19/gone.jpg", "patient_group": "gone:1"}])
@@ -570,6 +587,7 @@ def test_missing_listed_files_fail_or_skip(small_source, tmp_path: Path) -> None
     assert report["skipped"] == [{"file": gone, "reason": "listed in metadata.csv but missing"}]
 
 
+@pytest.mark.shared_data
 def test_unknown_label_in_cxr3_layout(small_source, tmp_path: Path) -> None:
     source, rows = small_source
     rows[3]["label"] = "tuberculosis"
@@ -601,6 +619,7 @@ def test_unusable_source_folders_give_clear_errors(make, message: str, tmp_path:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.shared_data
 def test_bad_options_are_rejected(subset, tmp_path: Path) -> None:
     for options, message in [
         ({"num_folds": 1}, "num_folds"),
@@ -623,6 +642,7 @@ def _listing(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.shared_data
 def test_existing_output_is_kept_unless_overwrite(subset, tmp_path: Path) -> None:
     out = tmp_path / "corpus"
     out.mkdir()
@@ -635,6 +655,7 @@ def test_existing_output_is_kept_unless_overwrite(subset, tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # no temporary or previous folders left
 
 
+@pytest.mark.shared_data
 def test_failed_write_leaves_old_output_untouched(subset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = build_corpus([subset[0]], tmp_path / "corpus", **FAST)
     before = _listing(out)
@@ -650,6 +671,7 @@ def test_failed_write_leaves_old_output_untouched(subset, tmp_path: Path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
 
 
+@pytest.mark.shared_data
 def test_a_straddling_patient_fails_the_build_and_writes_nothing(
     subset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -671,6 +693,7 @@ def test_a_straddling_patient_fails_the_build_and_writes_nothing(
 # --- command line -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.shared_data
 def test_cli_builds_and_reports_speed(subset, tmp_path: Path) -> None:
     command = [
         sys.executable,
@@ -710,6 +733,7 @@ def test_cli_main_turns_errors_into_one_line(tmp_path: Path, capsys: pytest.Capt
 
 
 @pytest.mark.slow
+@pytest.mark.shared_data
 def test_full_cxr3_build_keeps_every_source_group_in_one_split(cxr3_dir: Path, tmp_path: Path) -> None:
     """All 1,038 real images (a few seconds here): every metadata patient_group lands in exactly one split/fold."""
     from datasets import load_from_disk
@@ -728,10 +752,9 @@ def test_full_cxr3_build_keeps_every_source_group_in_one_split(cxr3_dir: Path, t
         assert abs(in_test / sum(row["label"] == folder for row in rows) - 0.2) < 0.02
 
 
+@pytest.mark.shared_data
 def test_push_to_hub_round_trip(built, hub_standin, tmp_path: Path) -> None:
     """The CLI's push lands parquet shards and our card on a local Hub stand-in; load_dataset reads it back."""
-    from tests.hub_standin import hub_env, run_python
-
     output, corpus, _, _ = built
     env = hub_env(hub_standin.endpoint, tmp_path / "hf-home")
     code = f"""
@@ -752,6 +775,7 @@ print(json.dumps({{split: [loaded[split].num_rows, loaded[split].features["label
     assert not hub_standin.unknown_requests
 
 
+@pytest.mark.shared_data
 def test_pre_resizing_uses_the_processor_rule_for_16_bit_and_alpha(cxr3_dir: Path) -> None:
     """A stored pre-resized copy holds what the model would see from the original (no min-max stretch)."""
     from train.corpus.images import resize_longer_side

@@ -7,10 +7,12 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from tests.train_helpers import REPO_ROOT, TINY_CONFIG
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TINY_CONFIG = REPO_ROOT / "train" / "configs" / "tiny.json"
 
 
 def run_benchmark(*extra: str) -> tuple[str, dict]:

@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train_helpers import REPO_ROOT
-from tests.train_helpers import mini_cxr3_fixture as mini_cxr3_fixture  # fixture
-
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = "results/checkpoints/cnn-lstm-cxr3"
 
 
 @pytest.mark.slow
+@pytest.mark.shared_data
 def test_dry_run_packs_parts_that_unpack_into_a_loadable_checkpoint(mini_cxr3: Path, tmp_path: Path):
     env = dict(os.environ, DRY_RUN="1", DATA_DIR=str(mini_cxr3), WORK_DIR=str(tmp_path / "work"),
                OUT=str(tmp_path / "out"), NUM_FOLDS="3", HF_HOME=str(tmp_path / "hf"))  # fmt: skip

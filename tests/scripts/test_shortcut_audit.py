@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from tests.train_helpers import LABEL_NAMES, REPO_ROOT, run_main, tiny_args
-from tests.train_helpers import mini_cxr3_fixture as mini_cxr3_fixture  # fixture
-from tests.train_helpers import tiny_corpus_fixture as tiny_corpus_fixture  # fixture
-
-
-def load_audit_script():
-    spec = importlib.util.spec_from_file_location("shortcut_audit_script", REPO_ROOT / "scripts" / "shortcut_audit.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+LABEL_NAMES = ["COVID-19", "Normal", "Pneumonia"]
 
 
 @pytest.fixture(scope="module")
-def audit():
-    return load_audit_script()
+def audit(load_script):
+    return load_script("scripts/shortcut_audit.py")
 
 
 def test_lung_mask_geometry(audit):
@@ -56,11 +44,12 @@ def test_mask_changes_only_its_pixels(audit, condition: str):
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_checkpoint(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory, run_main, tiny_args) -> Path:
     output_dir = tmp_path_factory.mktemp("audit-tiny-run")
     return run_main(tiny_args(tiny_corpus, output_dir, "--bootstrap_samples", "0"))
 
 
+@pytest.mark.shared_data
 def test_audit_reports_three_conditions_on_real_images(
     audit, tiny_checkpoint: Path, tiny_corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ):

@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 from datasets import load_from_disk
 
-from tests.train_helpers import REPO_ROOT, tiny_args
-from tests.train_helpers import mini_cxr3_fixture as mini_cxr3_fixture  # fixture
-from tests.train_helpers import tiny_corpus_fixture as tiny_corpus_fixture  # fixture
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_torchrun_two_cpu_processes(tiny_corpus: Path, tmp_path: Path):
+@pytest.mark.shared_data
+def test_torchrun_two_cpu_processes(tiny_corpus: Path, tmp_path: Path, tiny_args):
     output_dir = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     command = [

@@ -15,17 +15,16 @@ from pathlib import Path
 import pytest
 
 from tests.hub_standin import HubStandIn, hub_env, run_python
-from tests.hub_standin import hub_standin_fixture as hub_standin_fixture  # fixture
-from tests.train_helpers import REPO_ROOT, TINY_CONFIG
-from tests.train_helpers import mini_cxr3_fixture as mini_cxr3_fixture  # fixture
-from tests.train_helpers import tiny_corpus_fixture as tiny_corpus_fixture  # fixture
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TINY_CONFIG = REPO_ROOT / "train" / "configs" / "tiny.json"
 MODEL_ID = "standin-user/cnn-lstm-tiny"
 METRIC_ID = "standin-user/cxr_metrics"
 DATA_ID = "standin-user/tiny-cxr"
 
 
 @pytest.mark.slow
+@pytest.mark.shared_data
 def test_push_round_trip(hub_standin: HubStandIn, tiny_corpus: Path, tmp_path: Path):
     """Dataset from the Hub (--dataset_name) -> train -> model, card, plots and metric module to the Hub -> load."""
     env = hub_env(hub_standin.endpoint, tmp_path / "hf-home")

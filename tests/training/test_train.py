@@ -19,11 +19,11 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.train_helpers import LABEL_NAMES, REPO_ROOT, make_dataset_dict, run_main, tiny_args
-from tests.train_helpers import mini_cxr3_fixture as mini_cxr3_fixture  # fixture
-from tests.train_helpers import tiny_corpus_fixture as tiny_corpus_fixture  # fixture
 from train.training.dataset_loading import DataError
 
+pytestmark = pytest.mark.shared_data  # every run here trains on real X-rays from ../shared/data/cxr3
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LABEL_NAMES = ["COVID-19", "Normal", "Pneumonia"]
 CORPUS_OPTIONS = json.dumps({"num_folds": 2, "test_fraction": 0.25, "num_workers": 1, "benchmark_images": 0})
 PLOTS = (
     "confusion_matrix",
@@ -36,7 +36,7 @@ PLOTS = (
 
 
 @pytest.fixture(scope="module")
-def tiny_run(mini_cxr3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_run(mini_cxr3: Path, tmp_path_factory: pytest.TempPathFactory, run_main, tiny_args) -> Path:
     """One tiny run from a RAW cxr3-layout folder: the corpus builder runs on the fly."""
     output_dir = tmp_path_factory.mktemp("tiny-run")
     final = run_main(tiny_args(mini_cxr3, output_dir, "--corpus_options", CORPUS_OPTIONS))
@@ -53,7 +53,6 @@ def test_final_folder_is_a_hub_model_repo(tiny_run: Path):
     config = json.loads((final / "config.json").read_text())
     assert config["id2label"] == {str(i): name for i, name in enumerate(LABEL_NAMES)}
     assert config["calibration_temperature"] > 0 and config["calibration_temperature"] != 1.0
-    assert config["cpu_inference_backend"] != "torch"  # training's setting is not shipped
     for reference in (*config["auto_map"].values(), *json.loads((final / "preprocessor_config.json").read_text())[
             "auto_map"].values()):  # fmt: skip
         assert (final / f"{reference.split('.')[0]}.py").is_file()
@@ -125,14 +124,16 @@ def test_checkpoint_loads_and_predicts_through_pipeline(tiny_run: Path, mini_cxr
 
 
 @pytest.fixture(scope="module")
-def tiny_corpus3(mini_cxr3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_corpus3(make_dataset_dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`mini_cxr3` with three patient-grouped folds (CV needs training, selection and scored folds)."""
     destination = tmp_path_factory.mktemp("tiny-corpus3") / "corpus"
-    make_dataset_dict(mini_cxr3, num_folds=3).save_to_disk(str(destination))
+    make_dataset_dict(num_folds=3).save_to_disk(str(destination))
     return destination
 
 
-def test_cross_validation_on_folds(tiny_corpus3: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_cross_validation_on_folds(
+    tiny_corpus3: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_main, tiny_args
+):
     """k = 3: each fold's model trains on one fold, is selected (checkpoint, early stopping, temperature) on the
     next and scored on its own; the scored fold's images reach neither training nor selection."""
     import train.training.cv
@@ -215,21 +216,21 @@ def cv_pooled_folds(corpus: Path) -> list[int]:
     return [*dataset["train"]["fold"], *dataset["validation"]["fold"]]
 
 
-def test_cross_validation_needs_three_folds(tiny_corpus3: Path, tmp_path: Path):
+def test_cross_validation_needs_three_folds(tiny_corpus3: Path, tmp_path: Path, run_main, tiny_args):
     with pytest.raises(ValueError, match="k >= 3"):
         run_main(tiny_args(tiny_corpus3, tmp_path / "cv2", "--cross_validation", "2"))
 
 
-def test_label_mismatch_fails_before_training(mini_cxr3: Path, tmp_path: Path):
+def test_label_mismatch_fails_before_training(make_dataset_dict, tmp_path: Path, run_main, tiny_args):
     corpus = tmp_path / "wrong-labels"
-    make_dataset_dict(mini_cxr3, label_names=["covid", "normal", "pneumonia"]).save_to_disk(str(corpus))
+    make_dataset_dict(label_names=["covid", "normal", "pneumonia"]).save_to_disk(str(corpus))
     with pytest.raises(DataError, match=r"label names \['covid', 'normal', 'pneumonia'\] do not match"):
         run_main(tiny_args(corpus, tmp_path / "out"))
     assert not list((tmp_path / "out").glob("checkpoint-*"))
 
 
-def test_empty_split_fails_before_training(mini_cxr3: Path, tmp_path: Path):
-    dataset = make_dataset_dict(mini_cxr3)
+def test_empty_split_fails_before_training(make_dataset_dict, tmp_path: Path, run_main, tiny_args):
+    dataset = make_dataset_dict()
     dataset["validation"] = dataset["validation"].select([])
     dataset.save_to_disk(str(tmp_path / "empty-validation"))
     with pytest.raises(DataError, match="split 'validation' is empty"):
@@ -237,14 +238,14 @@ def test_empty_split_fails_before_training(mini_cxr3: Path, tmp_path: Path):
     assert not list((tmp_path / "out").glob("checkpoint-*"))
 
 
-def test_missing_split_and_missing_folds_fail(tiny_corpus: Path, tmp_path: Path):
+def test_missing_split_and_missing_folds_fail(tiny_corpus: Path, tmp_path: Path, run_main, tiny_args):
     with pytest.raises(DataError, match="no split"):
         run_main(tiny_args(tiny_corpus, tmp_path / "a", "--test_split", "holdout"))
     with pytest.raises(DataError, match="folds are \\[0, 1\\]"):
         run_main(tiny_args(tiny_corpus, tmp_path / "b", "--cross_validation", "3"))
 
 
-def test_resume_and_seed_repeatability(tiny_corpus: Path, tmp_path: Path):
+def test_resume_and_seed_repeatability(tiny_corpus: Path, tmp_path: Path, run_main, tiny_args):
     """4 steps, then resumed to 6, equals 6 straight steps; the same seed twice gives the same weights."""
     common = ("--bootstrap_samples", "0", "--load_best_model_at_end", "false", "--no_calibrate")
     run_main(tiny_args(tiny_corpus, tmp_path / "resumed", *common, "--max_steps", "4"))
@@ -265,17 +266,6 @@ def test_resume_and_seed_repeatability(tiny_corpus: Path, tmp_path: Path):
     run_main(tiny_args(tiny_corpus, tmp_path / "other-seed", *common, "--max_steps", "6", "--seed", "7"))
     other = load_file(tmp_path / "other-seed" / "final" / "model.safetensors")
     assert not torch.equal(other["head.classifier.weight"], weights["straight"]["head.classifier.weight"])
-
-
-def load_evaluate_script():
-    """scripts/evaluate_checkpoint.py as a module."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("evaluate_checkpoint", REPO_ROOT / "scripts/evaluate_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_evaluate_script_on_a_cxr3_folder_prints_one_json_object(tiny_run: Path, mini_cxr3: Path, tmp_path: Path):
@@ -305,10 +295,12 @@ def test_evaluate_script_on_a_cxr3_folder_prints_one_json_object(tiny_run: Path,
             image.verify()
 
 
-def test_evaluate_script_on_the_built_test_split(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
-    script = load_evaluate_script()
+def test_evaluate_script_on_the_built_test_split(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture, load_script
+):
+    script = load_script("scripts/evaluate_checkpoint.py")
     arguments = ["--model", str(tiny_run / "final"), "--data_dir", str(tiny_run / "corpus"), "--output_dir"]
-    summary = script.main([*arguments, str(tmp_path / "eval"), "--cpu_inference_backend", "torch"])
+    summary = script.main([*arguments, str(tmp_path / "eval")])
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(summary))
     training_report = json.loads((tiny_run / "final" / "report" / "metrics.json").read_text())
     assert summary["num_samples"] == training_report["num_samples"]
@@ -317,8 +309,38 @@ def test_evaluate_script_on_the_built_test_split(tiny_run: Path, tmp_path: Path,
     assert summary["temperature"] == pytest.approx(training_report["calibration"]["temperature"])
 
 
+def test_evaluate_script_keeps_an_existing_report_unless_overwrite(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, load_script
+):
+    """Default folder: evaluation/<model folder>__<data folder> under the current directory. A non-empty one is
+    refused before the checkpoint is even loaded, unless --overwrite; then the new report replaces it whole."""
+    script = load_script("scripts/evaluate_checkpoint.py")
+    monkeypatch.chdir(tmp_path)
+    arguments = ["--model", str(tiny_run / "final"), "--data_dir", str(tiny_run / "corpus")]
+    arguments += ["--bootstrap_samples", "0"]
+    summary = script.main(arguments)
+    report_dir = tmp_path / "evaluation" / "final__corpus"
+    assert summary["report_dir"] == str(Path("evaluation") / "final__corpus")
+    assert (report_dir / "metrics.json").is_file()
+    (report_dir / "mine.txt").write_text("keep")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded although the report folder is refused")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(script, "load_checkpoint", never)
+        refused = r"--output_dir evaluation/final__corpus already exists; pass --overwrite"
+        with pytest.raises(SystemExit, match=refused):
+            script.main(arguments)
+    assert (report_dir / "mine.txt").read_text() == "keep"
+    script.main([*arguments, "--overwrite"])
+    assert not (report_dir / "mine.txt").exists() and (report_dir / "metrics.json").is_file()
+    assert [path.name for path in (tmp_path / "evaluation").iterdir()] == ["final__corpus"]  # no temporary folders
+    capsys.readouterr()
+
+
 @pytest.mark.slow
-def test_paper_config_trains_one_step_on_cpu(tiny_corpus: Path, tmp_path: Path):
+def test_paper_config_trains_one_step_on_cpu(tiny_corpus: Path, tmp_path: Path, run_main):
     """train/configs/paper.json as committed (224 px, 17.8 M parameters), with only the CPU switches changed."""
     cpu = ["--use_cpu", "--bf16", "false", "--tf32", "false", "--torch_compile", "false"]
     workers = ["--dataloader_num_workers", "0", "--dataloader_persistent_workers", "false"]
@@ -333,11 +355,9 @@ def test_paper_config_trains_one_step_on_cpu(tiny_corpus: Path, tmp_path: Path):
 
 
 def test_update_card_rewrites_card_metrics_and_report_atomically(tiny_run: Path, tmp_path: Path):
-    """scripts/update_card.py adds CV results to metrics.json, README.md and report.md (temp file + os.replace);
+    """scripts/update_card.py adds CV results to metrics.json, README.md and report.md (each written atomically);
     a template that fails to render leaves all three untouched."""
     import shutil
-
-    from train.training.report import atomic_write_text
 
     folder = tmp_path / "final"
     shutil.copytree(tiny_run / "final", folder)
@@ -367,8 +387,4 @@ def test_update_card_rewrites_card_metrics_and_report_atomically(tiny_run: Path,
         assert (
             "3-fold cross-validation" in path.read_text() and "inner validation fold (f + 1) mod 3" in path.read_text()
         )
-    assert not [path for path in folder.rglob("*") if path.name.endswith(".tmp")], "temporary files left behind"
-    target = tmp_path / "x.txt"
-    target.write_text("old")
-    atomic_write_text(target, "new")
-    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert not [path for path in folder.rglob("*") if ".tmp-" in path.name], "temporary files left behind"

@@ -21,12 +21,12 @@ from transformers import EvalPrediction
 
 from modeling_cnn_lstm import CnnLstmConfig, CnnLstmForImageClassification
 from modeling_cnn_lstm.fast_inference_cnn_lstm import cpu_flags, cpu_has_native_bf16
-from tests.train_helpers import REPO_ROOT, TINY_CONFIG, run_main, tiny_args
-from tests.train_helpers import mini_cxr3_fixture as mini_cxr3_fixture  # fixture
-from tests.train_helpers import tiny_corpus_fixture as tiny_corpus_fixture  # fixture
 from train.training.arguments import ModelArguments
 from train.training.hardware import choose_cpu_precision
 from train.training.progressive import transfer_weights
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TINY_CONFIG = REPO_ROOT / "train" / "configs" / "tiny.json"
 
 # 3 epochs at 16 px, then 4 at 32 px (6 steps each): long enough to be killed in either stage
 PROGRESSIVE = (
@@ -127,12 +127,11 @@ def test_smoothed_selection_metric_is_the_mean_of_the_last_evaluations():
     assert "macro_f1_smoothed" not in plain(EvalPrediction(predictions=logits, label_ids=labels))
 
 
-def test_forced_bf16_is_used_and_recorded(tiny_corpus: Path, tmp_path: Path):
+@pytest.mark.shared_data
+def test_forced_bf16_is_used_and_recorded(tiny_corpus: Path, tmp_path: Path, run_main, tiny_args):
     """--cpu_precision bf16 overrides --bf16 false: the run trains under bf16 autocast and the card says why."""
-    final = run_main(
-        tiny_args(tiny_corpus, tmp_path / "bf16", "--cpu_precision", "bf16", "--bf16", "false", "--bootstrap_samples",
-                  "0", "--max_steps", "2", "--eval_steps", "2", "--save_steps", "2")  # fmt: skip
-    )
+    flags = ["--cpu_precision", "bf16", "--bf16", "false", "--bootstrap_samples", "0", "--max_steps", "2"]
+    final = run_main(tiny_args(tiny_corpus, tmp_path / "bf16", *flags, "--eval_steps", "2", "--save_steps", "2"))
     summary = json.loads((final / "report" / "metrics.json").read_text())["run"]["training_summary"]
     assert "Precision bf16 autocast on the CPU (--cpu_precision bf16)" in summary
     assert json.loads((final / "config.json").read_text())["dtype"] == "float32"  # trained in autocast, saved fp32
@@ -176,6 +175,7 @@ def checkpoints(folder: Path) -> list[Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.shared_data
 def test_killed_run_resumes_with_the_same_command_to_the_same_weights(tiny_corpus: Path, tmp_path: Path):
     killed = tmp_path / "killed"
     started = train_cpu_sh(killed, tiny_corpus, wait=False)
@@ -215,7 +215,7 @@ def test_killed_run_resumes_with_the_same_command_to_the_same_weights(tiny_corpu
     assert len(straight_lines) == 7 and all(LOG_LINE.match(line) for line in straight_lines)
 
 
-def test_progressive_resizing_is_refused_with_cross_validation(tmp_path: Path):
+def test_progressive_resizing_is_refused_with_cross_validation(tmp_path: Path, run_main, tiny_args):
     argv = tiny_args(tmp_path / "unused", tmp_path / "out", "--cross_validation", "3", "--low_res_image_size", "16",
                      "--low_res_epochs", "1")  # fmt: skip
     with pytest.raises(ValueError, match="not supported with --cross_validation"):

@@ -1,8 +1,10 @@
-"""The pieces under train/run.py: arguments, input pipeline, calibration, card rendering, atomic folder writes."""
+"""The pieces under train/run.py: arguments, input pipeline, calibration, card rendering, atomic writes, and the
+entry points' command lines."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,20 +13,23 @@ import torch
 from PIL import Image
 
 from modeling_cnn_lstm import CnnLstmConfig, CnnLstmImageProcessor
-from tests.train_helpers import REPO_ROOT, TINY_CONFIG
+from train.atomic import DestinationExists, atomic_folder, atomic_write_text
+from train.training import checkpoint_loading, dataset_loading
 from train.training.arguments import parse_args
 from train.training.calibration import fit_temperature, negative_log_likelihood
-from train.training.hub_folder import atomic_folder
 from train.training.input_pipeline import (
     DeviceBatchTransform,
     UInt8ImageDataset,
     cache_images,
     collate_uint8,
     decode_resize,
+    default_cache_dir,
 )
 from train.training.model_card import CardError, render_model_card
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = REPO_ROOT / "train" / "configs"
+TINY_CONFIG = CONFIGS / "tiny.json"
 CPU = ["--use_cpu", "--bf16", "false", "--tf32", "false", "--torch_compile", "false"]
 
 
@@ -55,6 +60,7 @@ def test_unknown_config_key_fails(tmp_path: Path):
         parse_args(["--config", str(TINY_CONFIG), "--max_train_samples", "0"])
 
 
+@pytest.mark.shared_data
 def test_uint8_path_matches_the_image_processor(xray_paths: dict[str, list[Path]]):
     """Cache (decode + resize + uint8) then device transform == the processor's float path, to uint8 rounding."""
     config = CnnLstmConfig(image_size=48, block_widths=[[4], [8]])
@@ -98,6 +104,7 @@ def test_batches_are_gathered_in_one_copy():
     assert torch.equal(single["pixel_values"], torch.from_numpy(pixels[[0, 3]]))
 
 
+@pytest.mark.shared_data
 def test_image_cache_is_reused_from_disk(xray_paths: dict[str, list[Path]], tmp_path: Path):
     from datasets import Dataset, Features, Image
 
@@ -110,6 +117,16 @@ def test_image_cache_is_reused_from_disk(xray_paths: dict[str, list[Path]], tmp_
     second = cache_images(dataset, 24, 3, cache_dir=tmp_path, num_workers=1)
     assert first.any() and not second.any()
     assert np.array_equal(cache_images(dataset, 24, 3, cache_dir=None, num_workers=1), first)
+    assert [path.name for path in tmp_path.iterdir()] == [cache_file.name]  # no temporary file left beside it
+
+
+def test_default_image_cache_is_under_huggingface_hubs_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """huggingface_hub's HF_HOME (HF_HOME, else XDG_CACHE_HOME/huggingface), as resolved when it was imported."""
+    from huggingface_hub import constants
+
+    assert default_cache_dir() == Path(os.environ["HF_HOME"]) / "cnn_lstm_image_cache"  # tests/conftest.py's
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "cnn_lstm_image_cache"
 
 
 def test_temperature_scaling_recovers_the_temperature():
@@ -131,20 +148,47 @@ def test_card_rendering_refuses_missing_values():
         render_model_card("{{ x }}", {"x": "{{ nested }}"})
 
 
+def write_file(folder: Path, name: str, text: str) -> None:
+    (folder / name).write_text(text)
+
+
 def test_atomic_folder_keeps_the_old_folder_on_failure(tmp_path: Path):
     destination = tmp_path / "final"
-    atomic_folder(destination, lambda folder: (folder / "a.txt").write_text("first"))
-
-    def broken(folder: Path) -> None:
-        (folder / "a.txt").write_text("half")
+    with atomic_folder(destination) as folder:
+        write_file(folder, "a.txt", "first")
+    with pytest.raises(RuntimeError, match="disk full"), atomic_folder(destination) as folder:
+        write_file(folder, "a.txt", "half")
         raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError, match="disk full"):
-        atomic_folder(destination, broken)
     assert (destination / "a.txt").read_text() == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
-    atomic_folder(destination, lambda folder: (folder / "b.txt").write_text("second"))
+    with atomic_folder(destination) as folder:
+        write_file(folder, "b.txt", "second")
     assert sorted(p.name for p in destination.iterdir()) == ["b.txt"]
+
+
+def test_atomic_folder_without_overwrite_keeps_a_folder_that_appeared(tmp_path: Path):
+    """A non-empty destination that appeared while the new folder was filled stays, and the new folder goes."""
+    destination = tmp_path / "corpus"
+    with pytest.raises(DestinationExists), atomic_folder(destination, overwrite=False) as folder:
+        write_file(folder, "new.txt", "new")
+        destination.mkdir()
+        write_file(destination, "theirs.txt", "theirs")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+    assert sorted(p.name for p in destination.iterdir()) == ["theirs.txt"]
+
+
+def test_atomic_write_text_replaces_whole_files_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    target = tmp_path / "x.txt"
+    target.write_text("old")
+    assert atomic_write_text(target, "new") == target and target.read_text() == "new"
+
+    def failing_replace(source, destination):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_text(target, "newer")
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["x.txt"]
 
 
 ENTRY_POINTS = [
@@ -156,19 +200,8 @@ ENTRY_POINTS = [
 ]
 
 
-def load_script(script: str):
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location(f"entry_{Path(script).stem}", REPO_ROOT / script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("script", ENTRY_POINTS)
-def test_help_of_every_entry_point(script: str, capsys: pytest.CaptureFixture):
+def test_help_of_every_entry_point(script: str, capsys: pytest.CaptureFixture, load_script):
     """argparse formats every help string (a stray % would only fail here)."""
     module = load_script(script)
     with pytest.raises(SystemExit) as exit_info:
@@ -177,19 +210,13 @@ def test_help_of_every_entry_point(script: str, capsys: pytest.CaptureFixture):
     assert "--" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(
-    ("script", "arguments"),
-    [("scripts/evaluate_checkpoint.py", "EvaluateArguments"), ("scripts/shortcut_audit.py", "AuditArguments")],
-)
-def test_evaluation_scripts_default_to_exact_fp32(script: str, arguments: str, capsys: pytest.CaptureFixture):
-    """Reported metrics come from the exact fp32 PyTorch path on CPU, not the checkpoint's 'auto' (bf16), in both
-    scripts, and --help says so; both read data through the one shared train.training.dataset_loading.load_split."""
-    import train.training.dataset_loading
-
+@pytest.mark.parametrize("script", ["scripts/evaluate_checkpoint.py", "scripts/shortcut_audit.py"])
+def test_evaluation_scripts_share_their_loading(script: str, capsys: pytest.CaptureFixture, load_script):
+    """Both scripts load the checkpoint as its users do (one `load_checkpoint`: fp32, eval mode, its own processor)
+    and read data through the one `load_split`; no CPU-backend flag: the model's forward is exact fp32."""
     module = load_script(script)
-    assert getattr(module, arguments).__dataclass_fields__["cpu_inference_backend"].default == "torch"
-    assert module.load_split is train.training.dataset_loading.load_split
+    assert module.load_checkpoint is checkpoint_loading.load_checkpoint
+    assert module.load_split is dataset_loading.load_split
     with pytest.raises(SystemExit):
         module.main(["--help"])
-    help_text = " ".join(capsys.readouterr().out.split())
-    assert "--cpu_inference_backend" in help_text and "Default torch: exact fp32 PyTorch" in help_text
+    assert "backend" not in capsys.readouterr().out

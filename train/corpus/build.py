@@ -1,46 +1,41 @@
 """Build the three-class `datasets` corpus: patient-disjoint splits, CV folds, deduplication, atomic output.
 
-Pipeline: layout adapters (`corpus_adapters`) -> decode + fingerprints (`corpus_images`) -> exact duplicates
-removed -> patient ids and near-duplicates merged into patient groups -> groups assigned to test + k folds ->
-leakage re-checked from the final rows (`corpus_report`) -> DatasetDict + report written into a temporary sibling
-folder and renamed into place only when complete.
+Pipeline: layout adapters (`sources`) -> decode + fingerprints (`images`) -> exact duplicates removed -> patient ids
+and near-duplicates merged into patient groups -> groups assigned to test + k folds (`split`) -> leakage re-checked
+from the final rows (`report`) -> DatasetDict + report written into a temporary sibling folder and renamed into place
+only when complete (`train.atomic`).
 """
 
+import json
 import logging
-import os
-import secrets
-import shutil
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from .images import (
-    PHASH_THRESHOLD,
-    ImageProblem,
-    decode_images_per_second,
-    encode_resized,
-    load_image,
-    resize_longer_side,
-)
+from train.atomic import DestinationExists, atomic_folder, check_destination
+
+from .card import dataset_card
+from .images import ImageProblem, decode_images_per_second, encode_resized, load_image, resize_longer_side
+from .options import CorpusOptions
 from .report import (
+    LEAKAGE_CHECKS,
     SPLITS,
     CorpusRow,
     class_source_table,
-    dataset_card,
     fold_tables,
     image_stats,
     leakage_checks,
     licences,
+    report_markdown,
     split_tables,
-    write_reports,
 )
-from .sources import LABEL_NAMES, LAYOUTS, AdapterResult, CorpusError, CorpusRecord, read_source
+from .sources import LABEL_NAMES, AdapterResult, CorpusError, CorpusRecord, read_source
 from .split import PatientGroups, assign_groups, deduplicate, group_and_split
 
 if TYPE_CHECKING:
@@ -58,63 +53,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 BENCHMARK_SIDE = 256  # pre-resize side used for the decode comparison when the corpus itself is not pre-resized
-
-
-@dataclass
-class CorpusOptions:
-    """How to split, deduplicate and store; the CLI parses these with HfArgumentParser."""
-
-    layout: Literal["auto", "cxr3", "ieee8023", "covid19-radiography", "chest-xray-pneumonia"] = field(
-        default="auto", metadata={"help": "Layout of every --source_dir; auto detects it per folder."}
-    )
-    protocol: Literal["patient", "paper"] = field(
-        default="patient",
-        metadata={"help": "patient: patient-disjoint splits. paper: the paper's leaky image-level 80/20 split."},
-    )
-    test_fraction: float = field(
-        default=0.2, metadata={"help": "Share of images (by patient group) held out as test."}
-    )
-    num_folds: int = field(default=5, metadata={"help": "Cross-validation folds over train + validation."})
-    validation_fold: int = field(default=0, metadata={"help": "Which fold forms the validation split."})
-    seed: int = field(default=42, metadata={"help": "Seed of the split; the same input and seed give the same split."})
-    phash_threshold: int = field(
-        default=PHASH_THRESHOLD,
-        metadata={"help": "Near-duplicate Hamming threshold on the 256-bit pHash; -1 turns merging off."},
-    )
-    drop_unknown_labels: bool = field(
-        default=False, metadata={"help": "Leave out images whose label maps to none of the three classes."}
-    )
-    skip_missing_files: bool = field(
-        default=False, metadata={"help": "Skip (and report) files that a metadata.csv lists but that do not exist."}
-    )
-    resize_longer_side: int | None = field(
-        default=None, metadata={"help": "Store images shrunk to this longer side (e.g. 256) so decoding is cheap."}
-    )
-    resized_format: Literal["jpeg", "png"] = field(
-        default="jpeg",
-        metadata={"help": "Format of pre-resized images: jpeg (quality 95, fastest to decode) or png (lossless)."},
-    )
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output_dir (atomically)."})
-    num_workers: int = field(default=2, metadata={"help": "Threads that decode images."})
-    benchmark_images: int = field(
-        default=200, metadata={"help": "Images used to measure decode+preprocess speed; 0 skips the measurement."}
-    )
-
-    def __post_init__(self) -> None:
-        if self.layout != "auto" and self.layout not in LAYOUTS:
-            raise CorpusError(f"layout {self.layout!r} is not one of auto, {', '.join(LAYOUTS)}")
-        if self.protocol not in ("patient", "paper"):
-            raise CorpusError(f"protocol {self.protocol!r} is not 'patient' or 'paper'")
-        if not 0 < self.test_fraction < 1:
-            raise CorpusError(f"test_fraction must be between 0 and 1 (exclusive), got {self.test_fraction}")
-        if self.num_folds < 2:
-            raise CorpusError(f"num_folds must be at least 2, got {self.num_folds}")
-        if not 0 <= self.validation_fold < self.num_folds:
-            raise CorpusError(f"validation_fold must be in 0..{self.num_folds - 1}, got {self.validation_fold}")
-        if self.resize_longer_side is not None and self.resize_longer_side < 32:
-            raise CorpusError(f"resize_longer_side must be at least 32 px, got {self.resize_longer_side}")
-        if self.num_workers < 1:
-            raise CorpusError(f"num_workers must be at least 1, got {self.num_workers}")
 
 
 def corpus_features() -> "Features":
@@ -140,12 +78,10 @@ def _check_output_dir(output_dir: Path, sources: list[Path], overwrite: bool) ->
     for source in sources:
         if output_dir == source or source in output_dir.parents or output_dir in source.parents:
             raise CorpusError(f"--output_dir {output_dir} overlaps --source_dir {source}; choose a separate folder")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise CorpusError(f"--output_dir {output_dir} exists and is a file; choose another path")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise CorpusError(
-            f"--output_dir {output_dir} already exists; pass --overwrite to replace it or pick a new one"
-        )
+    try:
+        check_destination(output_dir, overwrite)
+    except DestinationExists as error:
+        raise CorpusError(f"--output_dir {error}") from error
 
 
 def _label_policy(results: list[AdapterResult], drop_unknown: bool) -> tuple[list[CorpusRecord], dict]:
@@ -239,49 +175,20 @@ def _decode_benchmark(rows: list[CorpusRow], count: int, longer_side: int | None
     }
 
 
-def _write_atomically(output_dir: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
-    """Write into a hidden sibling folder, then rename it into place; an old output is swapped out, never mixed."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output_dir.parent / f".{output_dir.name}.building-{os.getpid()}-{secrets.token_hex(4)}"
-    temporary.mkdir()
-    try:
-        write(temporary)
-        if output_dir.exists():
-            if any(output_dir.iterdir()) and not overwrite:
-                raise CorpusError(
-                    f"--output_dir {output_dir} appeared during the build; pass --overwrite to replace it"
-                )
-            previous = output_dir.parent / f".{output_dir.name}.previous-{secrets.token_hex(4)}"
-            output_dir.rename(previous)
-            try:
-                temporary.rename(output_dir)
-            except BaseException:
-                previous.rename(output_dir)
-                raise
-            shutil.rmtree(previous, ignore_errors=True)
-        else:
-            temporary.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+@dataclass
+class _Intake:
+    """What the source folders gave: adapter results, known-label records, decoded rows (before deduplication),
+    and what was left out."""
+
+    results: list[AdapterResult]
+    records: list[CorpusRecord]
+    rows: list[CorpusRow]
+    skipped: list[dict]
+    dropped: dict[str, int]
 
 
-def build_corpus(source_dirs: Iterable[str | Path] | str | Path, output_dir: str | Path, **options) -> Path:
-    """Build the corpus from cxr3-layout (or other supported) folders into `output_dir`; returns its path.
-
-    `options` are `CorpusOptions` fields (protocol, test_fraction, num_folds, seed, resize_longer_side, ...).
-    Raises CorpusError, with nothing written, for bad input or a split that would leak patients.
-    """
-    start = time.perf_counter()
-    opts = CorpusOptions(**options)
-    if isinstance(source_dirs, str | Path):
-        source_dirs = [source_dirs]
-    sources = [Path(source).resolve() for source in source_dirs]
-    if not sources:
-        raise CorpusError("no source folder given; pass --source_dir DIR")
-    output_dir = Path(output_dir).resolve()
-    _check_output_dir(output_dir, sources, opts.overwrite)
-
+def _read_sources(sources: list[Path], opts: CorpusOptions) -> _Intake:
+    """Read every folder with its layout adapter, apply the label policy and decode; fail if nothing is left."""
     results = [read_source(source, opts.layout, opts.skip_missing_files) for source in sources]
     records, dropped = _label_policy(results, opts.drop_unknown_labels)
     logger.info("decoding %d images from %d source folder(s)", len(records), len(sources))
@@ -291,27 +198,19 @@ def build_corpus(source_dirs: Iterable[str | Path] | str | Path, output_dir: str
         raise CorpusError("no images left after dropping unknown labels; check the labels of the source folders")
     if not rows:
         raise CorpusError(f"none of the {len(records)} listed images could be decoded; first: {skipped[0]['file']}")
-    groups = PatientGroups()
-    rows, dedup = deduplicate(rows, groups)
-    grouping = group_and_split(rows, opts, groups)
-    pairs = grouping.pop("pairs")
-    leakage = leakage_checks(rows, pairs)
-    if opts.protocol == "patient":
-        bad = {
-            k: leakage[k]
-            for k in (
-                "patient_overlap_between_splits",
-                "patient_overlap_between_folds",
-                "exact_duplicates_between_splits",
-                "near_duplicate_pairs_across_splits",
-                "near_duplicate_pairs_across_folds",
-            )
-            if leakage[k]
-        }
-        if bad:
-            examples = [e for part in ("splits", "folds") for v in leakage[part].values() for e in v["examples"]]
-            raise CorpusError(f"the split leaks {bad} (e.g. patients {examples[:3]}); nothing was written")
-    corpus = _dataset_dict(rows)
+    return _Intake(results, records, rows, skipped, dropped)
+
+
+def _refuse_leaks(leakage: dict) -> None:
+    """A patient-protocol split must pass every leakage check; otherwise nothing is written."""
+    bad = {key: leakage[key] for key in LEAKAGE_CHECKS if leakage[key]}
+    if bad:
+        examples = [e for part in ("splits", "folds") for v in leakage[part].values() for e in v["examples"]]
+        raise CorpusError(f"the split leaks {bad} (e.g. patients {examples[:3]}); nothing was written")
+
+
+def _warnings(rows: list[CorpusRow], protocol: str) -> tuple[dict, list[str]]:
+    """The class x source table and every warning a user of the corpus should read (confounds, empty classes)."""
     class_source, warnings = class_source_table(rows)
     warnings += [
         f"{split}: no {label} images"
@@ -319,10 +218,24 @@ def build_corpus(source_dirs: Iterable[str | Path] | str | Path, output_dir: str
         for label in LABEL_NAMES
         if not any(r.split == split and r.label_name == label for r in rows)
     ]
-    if opts.protocol == "paper":
+    if protocol == "paper":
         warnings.insert(0, "LEAKY: paper protocol (image-level split); patients and near-duplicates straddle splits")
-    benchmark = _decode_benchmark(rows, opts.benchmark_images, opts.resize_longer_side, opts.resized_format)
-    report = {
+    return class_source, warnings
+
+
+def _report(
+    opts: CorpusOptions,
+    intake: _Intake,
+    rows: list[CorpusRow],
+    corpus: "DatasetDict",
+    leakage: dict,
+    grouping: dict,
+    dedup: dict,
+) -> dict:
+    """report.json from the intake and the kept, split rows (without its timing: known once the corpus is on disk)."""
+    results = intake.results
+    class_source, warnings = _warnings(rows, opts.protocol)
+    return {
         "protocol": opts.protocol,
         "leaky": opts.protocol == "paper",
         "label_names": list(LABEL_NAMES),
@@ -335,7 +248,7 @@ def build_corpus(source_dirs: Iterable[str | Path] | str | Path, output_dir: str
             {"dir": str(r.source_dir), "layout": r.layout, "records": len(r.records), "skipped": len(r.skipped)}
             for r in results
         ],
-        "images_listed": len(records) + sum(dropped.values()),
+        "images_listed": len(intake.records) + sum(intake.dropped.values()),
         "images": len(rows),
         "patients": len({row.patient_id for row in rows}),
         "stored_images": f"{opts.resized_format.upper()}, longer side <= {opts.resize_longer_side} px"
@@ -355,22 +268,60 @@ def build_corpus(source_dirs: Iterable[str | Path] | str | Path, output_dir: str
         "licences": licences(rows),
         "warnings": warnings,
         "image_stats": image_stats(rows),
-        "skipped": skipped,
-        "dropped_unknown_labels": dropped,
+        "skipped": intake.skipped,
+        "dropped_unknown_labels": intake.dropped,
         "excluded": dict(sum((r.excluded for r in results), Counter())),
         "notes": [note for r in results for note in r.notes],
-        "decode_benchmark": benchmark,
+        "decode_benchmark": _decode_benchmark(
+            rows, opts.benchmark_images, opts.resize_longer_side, opts.resized_format
+        ),
     }
 
-    def write(folder: Path) -> None:
-        corpus.save_to_disk(str(folder))
-        seconds = time.perf_counter() - start
-        report["timing"] = {"seconds": seconds, "images_per_second": len(records) / seconds}
-        write_reports(folder, report, corpus_features())
 
-    _write_atomically(output_dir, opts.overwrite, write)
+def build_corpus(source_dirs: Iterable[str | Path] | str | Path, output_dir: str | Path, **options) -> Path:
+    """Build the corpus from cxr3-layout (or other supported) folders into `output_dir`; returns its path.
+
+    `options` are `CorpusOptions` fields (protocol, test_fraction, num_folds, seed, resize_longer_side, ...).
+    Raises CorpusError, with nothing written, for bad input or a split that would leak patients.
+    """
+    start = time.perf_counter()
+    opts = CorpusOptions(**options)
+    if isinstance(source_dirs, str | Path):
+        source_dirs = [source_dirs]
+    sources = [Path(source).resolve() for source in source_dirs]
+    if not sources:
+        raise CorpusError("no source folder given; pass --source_dir DIR")
+    output_dir = Path(output_dir).resolve()
+    _check_output_dir(output_dir, sources, opts.overwrite)
+
+    intake = _read_sources(sources, opts)
+    groups = PatientGroups()
+    rows, dedup = deduplicate(intake.rows, groups)
+    grouping = group_and_split(rows, opts, groups)
+    leakage = leakage_checks(rows, grouping.pop("pairs"))
+    if opts.protocol == "patient":
+        _refuse_leaks(leakage)
+    corpus = _dataset_dict(rows)
+    report = _report(opts, intake, rows, corpus, leakage, grouping, dedup)
+    try:
+        with atomic_folder(output_dir, overwrite=opts.overwrite) as folder:
+            corpus.save_to_disk(str(folder))
+            seconds = time.perf_counter() - start
+            report["timing"] = {"seconds": seconds, "images_per_second": len(intake.records) / seconds}
+            write_reports(folder, report, corpus_features())
+    except DestinationExists as error:
+        raise CorpusError(
+            f"--output_dir {output_dir} appeared during the build; pass --overwrite to replace it"
+        ) from error
     logger.info("wrote %s (%d images) in %.1f s", output_dir, len(rows), report["timing"]["seconds"])
     return output_dir
+
+
+def write_reports(folder: Path, report: dict, features: "Features") -> None:
+    """report.json, report.md and the dataset card README.md into `folder`."""
+    (folder / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (folder / "report.md").write_text(report_markdown(report), encoding="utf-8")
+    (folder / "README.md").write_text(dataset_card(report, features), encoding="utf-8")
 
 
 def push_corpus_to_hub(output_dir: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
@@ -378,8 +329,6 @@ def push_corpus_to_hub(output_dir: str | Path, repo_id: str, private: bool = Fal
 
     The card goes last because push_to_hub writes its own README; ours carries the same dataset_info/configs YAML.
     """
-    import json
-
     from datasets import load_from_disk
     from huggingface_hub import HfApi
 

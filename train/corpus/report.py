@@ -1,10 +1,9 @@
-"""Leakage and confound report (report.json / report.md) and the Hub dataset card of a built corpus.
+"""Leakage and confound report of a built corpus: the numbers of report.json and their rendering as report.md.
 
 Every number here is recomputed from the final rows, not taken from the splitter, so the report is an independent
 check: a patient or a near-duplicate pair that straddles splits shows up even if the splitter had a bug.
 """
 
-import json
 import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -16,7 +15,13 @@ from .sources import LABEL_NAMES, CorpusRecord
 SPLITS = ("train", "validation", "test")
 PEDIATRIC_SOURCES = ("kaggle-chest-xray-pneumonia",)  # Kermany et al.: children aged about 1-5
 DOMINANCE_SHARE = 0.5  # warn when one source gives more than this share of a class
-PRETTY_NAME = "Chest X-ray 3-class corpus (COVID-19 / Normal / Pneumonia)"
+LEAKAGE_CHECKS = (  # the counts of `leakage_checks` that must all be 0 for a patient-disjoint corpus
+    "patient_overlap_between_splits",
+    "patient_overlap_between_folds",
+    "exact_duplicates_between_splits",
+    "near_duplicate_pairs_across_splits",
+    "near_duplicate_pairs_across_folds",
+)
 
 
 @dataclass
@@ -183,12 +188,12 @@ def _counts(counter: dict) -> str:
     return ", ".join(f"{key} {value}" for key, value in counter.items())
 
 
-def _table(header: list[str], body: list[list]) -> list[str]:
+def markdown_table(header: list[str], body: list[list]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(str(cell) for cell in line) + " |" for line in body]
 
 
-def _split_body(report: dict) -> list[list]:
+def split_table_body(report: dict) -> list[list]:
     body = []
     for split in SPLITS:
         entry = report["splits"][split]
@@ -199,9 +204,7 @@ def _split_body(report: dict) -> list[list]:
     return body
 
 
-def report_markdown(report: dict) -> str:
-    """Human-readable report.md: the same numbers as report.json."""
-    leak = report["leakage"]
+def _overview(report: dict) -> list[str]:
     lines = [f"# Corpus report ({report['protocol']} protocol)", ""]
     if report["leaky"]:
         lines += [
@@ -209,15 +212,19 @@ def report_markdown(report: dict) -> str:
             "leakage inflates results.**",
             "",
         ]
-    lines += [
+    return lines + [
         f"{report['images']} images, {report['patients']} patient groups, seed {report['seed']}, "
         f"{report['num_folds']} folds (validation = fold {report['validation_fold']}), "
         f"test fraction {report['test_fraction']}. Built in {report['timing']['seconds']:.1f} s "
         f"({report['timing']['images_per_second']:.0f} images/s).",
         "",
     ]
-    lines += ["## Images (patients) per split and label", ""]
-    lines += _table(["split", *LABEL_NAMES, "total"], _split_body(report)) + [""]
+
+
+def _split_sections(report: dict) -> list[str]:
+    """Images (patients) per split and label, per split x label x source, and per fold."""
+    lines = ["## Images (patients) per split and label", ""]
+    lines += markdown_table(["split", *LABEL_NAMES, "total"], split_table_body(report)) + [""]
     lines += ["## Images (patients) per split, label and source", ""]
     body = [
         [split, label, source, f"{n['images']} ({n['patients']})"]
@@ -225,24 +232,20 @@ def report_markdown(report: dict) -> str:
         for label in LABEL_NAMES
         for source, n in report["splits"][split]["by_label_source"][label].items()
     ]
-    lines += _table(["split", "label", "source", "images (patients)"], body) + [""]
+    lines += markdown_table(["split", "label", "source", "images (patients)"], body) + [""]
     lines += ["## Folds (train + validation)", ""]
     body = [
         [f, *[n["by_label"][label] for label in LABEL_NAMES], n["images"], n["patients"]]
         for f, n in report["folds"].items()
     ]
-    lines += _table(["fold", *LABEL_NAMES, "images", "patients"], body) + [""]
-    lines += ["## Leakage checks (must all be 0 unless the protocol is leaky)", ""]
-    checks = [
-        "patient_overlap_between_splits",
-        "patient_overlap_between_folds",
-        "exact_duplicates_between_splits",
-        "near_duplicate_pairs_across_splits",
-        "near_duplicate_pairs_across_folds",
-    ]
-    lines += _table(["check", "count"], [[check, leak[check]] for check in checks]) + [""]
-    dedup = report["deduplication"]
-    lines += [
+    return lines + markdown_table(["fold", *LABEL_NAMES, "images", "patients"], body) + [""]
+
+
+def _leakage_section(report: dict) -> list[str]:
+    leak, dedup = report["leakage"], report["deduplication"]
+    lines = ["## Leakage checks (must all be 0 unless the protocol is leaky)", ""]
+    lines += markdown_table(["check", "count"], [[check, leak[check]] for check in LEAKAGE_CHECKS]) + [""]
+    return lines + [
         f"Exact duplicates removed (sha256 of decoded pixels): {dedup['exact_duplicates_removed']}; "
         f"removed for conflicting labels: {dedup['label_conflicts_removed']}. Near-duplicate pairs "
         f"(256-bit pHash, Hamming <= {dedup['phash_threshold']}): {dedup['near_duplicate_pairs']}, "
@@ -250,12 +253,11 @@ def report_markdown(report: dict) -> str:
         f"{dedup['largest_group_images']} images.",
         "",
     ]
-    lines += ["## Class x source", ""]
-    sources = sorted({s for per in report["class_source"].values() for s in per})
-    body = [[s, *[report["class_source"][label].get(s, 0) for label in LABEL_NAMES]] for s in sources]
-    lines += _table(["source", *LABEL_NAMES], body) + [""]
-    lines += ["## Warnings", ""] + [f"- {w}" for w in report["warnings"] or ["none"]] + [""]
-    lines += ["## Images", ""]
+
+
+def _image_section(report: dict) -> list[str]:
+    """Source image sizes, modes and formats, and the decode benchmark."""
+    lines = ["## Images", ""]
     body = [
         [
             s,
@@ -272,7 +274,7 @@ def report_markdown(report: dict) -> str:
         for s, n in [("all", report["image_stats"]["all"]), *report["image_stats"]["by_source"].items()]
     ]
     header = ["source", "images", "modes", "formats", "w min", "w median", "w max", "h min", "h median", "h max"]
-    lines += _table(header, body) + [""]
+    lines += markdown_table(header, body) + [""]
     bench = report.get("decode_benchmark") or {}
     if bench:
         lines += [
@@ -282,8 +284,13 @@ def report_markdown(report: dict) -> str:
             f"Stored: {report['stored_images']}.",
             "",
         ]
+    return lines
+
+
+def _left_out_sections(report: dict) -> list[str]:
+    """Skipped files, dropped labels, exclusions and the adapters' notes."""
     skipped = report["skipped"]
-    lines += [f"## Skipped ({len(skipped)})", ""] + [f"- `{s['file']}`: {s['reason']}" for s in skipped[:200]] + [""]
+    lines = [f"## Skipped ({len(skipped)})", ""] + [f"- `{s['file']}`: {s['reason']}" for s in skipped[:200]] + [""]
     if report["dropped_unknown_labels"]:
         lines += ["## Dropped unknown labels", ""]
         lines += [f"- {label!r}: {n}" for label, n in report["dropped_unknown_labels"].items()] + [""]
@@ -293,132 +300,19 @@ def report_markdown(report: dict) -> str:
         )
     if report["notes"]:
         lines += ["## Notes", ""] + [f"- {note}" for note in report["notes"]] + [""]
-    return "\n".join(lines)
+    return lines
 
 
-def _size_category(count: int) -> str:
-    for bound, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K")):
-        if count < bound:
-            return name
-    return "100K<n<1M"
-
-
-def dataset_card(report: dict, features, repo_id: str | None = None, pretty_name: str = PRETTY_NAME) -> str:
-    """README.md for the Hub: YAML metadata (licence, task, tags, features, splits) + counts, sources, caveats."""
-    from datasets import DatasetInfo, SplitDict, SplitInfo
-    from datasets.info import DatasetInfosDict
-    from datasets.utils.metadata import MetadataConfigs
-    from huggingface_hub import DatasetCardData
-
-    card_data = DatasetCardData(
-        license="other",
-        task_categories=["image-classification"],
-        tags=["medical", "chest-x-ray", "radiology", "covid-19", "pneumonia"]
-        + (["leaky-split"] if report["leaky"] else []),
-        pretty_name=pretty_name,
-        size_categories=[_size_category(report["images"])],
-    )
-    splits = SplitDict()
-    for split in SPLITS:
-        entry = report["splits"][split]
-        splits.add(SplitInfo(name=split, num_bytes=entry.get("bytes", 0), num_examples=entry["images"]))
-    DatasetInfosDict({"default": DatasetInfo(features=features, splits=splits)}).to_dataset_card_data(card_data)
-    data_files = [{"split": split, "path": f"data/{split}-*"} for split in SPLITS]
-    MetadataConfigs({"default": {"data_files": data_files}}).to_dataset_card_data(card_data)
-
-    lines = ["---", card_data.to_yaml(), "---", "", f"# {pretty_name}", ""]
-    lines += [
-        "> **Research use only. Not for clinical diagnosis.** Labels are noisy and sources are confounded with "
-        "classes (see Caveats).",
-        "",
-    ]
-    if report["leaky"]:
-        lines += [
-            "> **LEAKY SPLIT.** Built with the paper's image-level 80/20 protocol: images of one patient and "
-            "near-duplicates sit on both sides of the split. It exists only to measure how much leakage inflates "
-            "results; do not report numbers from it as generalisation.",
-            "",
-        ]
-    lines += [
-        "Three-class chest X-ray corpus for the CNN-LSTM reproduction of Islam, Islam & Asraf (2020). Labels: "
-        + ", ".join(f"`{i}` {name}" for i, name in enumerate(LABEL_NAMES))
-        + ".",
-        "",
-    ]
-    lines += ["## Splits", ""]
-    if report["leaky"]:
-        lines += ["Image-level stratified split (paper protocol)."]
-    else:
-        lines += [
-            f"Patient-disjoint: split by patient group, stratified by label and source, seed {report['seed']}. "
-            "Near-duplicate images (256-bit perceptual hash, Hamming distance <= "
-            f"{report['deduplication']['phash_threshold']}) count as one patient; exact duplicates were removed."
-        ]
-    lines += [
-        f"`fold` gives {report['num_folds']}-fold cross-validation over train + validation (validation = fold "
-        f"{report['validation_fold']}); test rows have fold -1. Images (patients):",
-        "",
-    ]
-    lines += _table(["split", *LABEL_NAMES, "total"], _split_body(report)) + [""]
-    lines += ["## Sources and licences", ""]
+def class_source_body(report: dict) -> list[list]:
+    """One row per source: its image count per class."""
     sources = sorted({s for per in report["class_source"].values() for s in per})
-    body = [
-        [
-            s,
-            *[report["class_source"][label].get(s, 0) for label in LABEL_NAMES],
-            "; ".join(f"{lic} ({n})" for lic, n in report["licences"].get(s, {}).items()),
-        ]
-        for s in sources
-    ]
-    lines += _table(["source", *LABEL_NAMES, "licences (images)"], body) + [""]
-    lines += [
-        "Licences vary per image and are those the sources give; respect each image's licence and the terms of "
-        "the original repositories (NIH ChestX-ray14 asks to link https://nihcc.app.box.com/v/ChestXray-NIHCC, "
-        "cite Wang et al. 2017 and acknowledge the NIH Clinical Center).",
-        "",
-    ]
-    lines += ["## Features", ""]
-    lines += [
-        "`image`, `label` (ClassLabel), `patient_id` (patient group; merged ids joined by `|`), `source`, "
-        "`original_finding` (label as the source gives it), `view`, `sha256` (SHA-256 of the source image's "
-        f"decoded pixels), `fold`. Stored images: {report['stored_images']}.",
-        "",
-    ]
-    lines += ["## Caveats", ""]
-    lines += [
-        "- Pediatric/adult confound: the Kaggle chest-xray-pneumonia images (Kermany et al.) are of children aged "
-        "about 1-5; the other sources are (almost only) adults, and no COVID-19 image is pediatric. A classifier "
-        "can separate classes by age and source cues rather than disease.",
-        "- Source confound: classes come from different sources with different looks (cropped publication "
-        "figures, hospital films, burnt-in text and arrows). Evaluate per source.",
-        "- Label noise: NIH labels were mined from reports by NLP; `normal` from some sources means "
-        '"COVID-19 negative", not radiologically normal.',
-    ]
-    lines += [f"- {warning}" for warning in report["warnings"]] + [""]
-    leak = report["leakage"]
-    lines += ["## Leakage checks", ""]
-    lines += [
-        f"Patients shared between splits: {leak['patient_overlap_between_splits']}; between folds: "
-        f"{leak['patient_overlap_between_folds']}; near-duplicate pairs across splits: "
-        f"{leak['near_duplicate_pairs_across_splits']}. The full report is `report.json` / `report.md`.",
-        "",
-    ]
-    lines += [
-        "## Usage",
-        "",
-        "```python",
-        "from datasets import load_dataset",
-        "",
-        f'corpus = load_dataset("{repo_id or "<user>/<dataset>"}")',
-        'train = corpus["train"]  # fold column for cross-validation',
-        "```",
-        "",
-    ]
+    return [[s, *[report["class_source"][label].get(s, 0) for label in LABEL_NAMES]] for s in sources]
+
+
+def report_markdown(report: dict) -> str:
+    """Human-readable report.md: the same numbers as report.json."""
+    lines = _overview(report) + _split_sections(report) + _leakage_section(report)
+    lines += ["## Class x source", ""] + markdown_table(["source", *LABEL_NAMES], class_source_body(report)) + [""]
+    lines += ["## Warnings", ""] + [f"- {w}" for w in report["warnings"] or ["none"]] + [""]
+    lines += _image_section(report) + _left_out_sections(report)
     return "\n".join(lines)
-
-
-def write_reports(folder, report: dict, features) -> None:
-    """report.json, report.md and the dataset card README.md into `folder`."""
-    (folder / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (folder / "report.md").write_text(report_markdown(report), encoding="utf-8")
-    (folder / "README.md").write_text(dataset_card(report, features), encoding="utf-8")

@@ -6,16 +6,13 @@ copies and ids of near-duplicate images end up in one group, so a patient never 
 
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .images import near_duplicate_pairs
+from .options import CorpusOptions
 from .report import CorpusRow
 from .sources import CorpusError
-
-if TYPE_CHECKING:
-    from .build import CorpusOptions
 
 
 class PatientGroups:
@@ -123,7 +120,7 @@ def deduplicate(rows: list[CorpusRow], groups: PatientGroups) -> tuple[list[Corp
     return kept, info
 
 
-def group_and_split(rows: list[CorpusRow], options: "CorpusOptions", groups: PatientGroups) -> dict:
+def group_and_split(rows: list[CorpusRow], options: CorpusOptions, groups: PatientGroups) -> dict:
     """Merge near-duplicates into patient groups, then assign groups (or images, paper protocol) to bins."""
     hashes = np.stack([row.image.phash for row in rows])
     pairs = near_duplicate_pairs(hashes, options.phash_threshold)

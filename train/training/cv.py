@@ -31,9 +31,12 @@ from typing import Any
 
 import numpy as np
 
+from train.atomic import atomic_write_text
 from train.training.calibration import fit_temperature
-from train.training.experiment import RunContext, finalize, fit, no_eval_args, prepare_model, run_info
+from train.training.context import RunContext
 from train.training.input_pipeline import CachedSplit
+from train.training.model_card import run_info
+from train.training.steps import finalize, fit, no_eval_args, prepare_model
 from train.training.trainer import SCALAR_KEYS, best_epoch, flatten_metrics, predict_logits
 
 logger = logging.getLogger(__name__)
@@ -82,7 +85,7 @@ def run_fold(ctx: RunContext, pooled: CachedSplit, fold: int, folds: np.ndarray,
     train_split, selection, scored = (pooled.subset(roles[name]) for name in ("train", "selection", "scored"))
     args = copy.copy(ctx.training_args)
     args.output_dir = str(fold_dir)
-    model, _ = prepare_model(ctx)
+    model = prepare_model(ctx)
     trainer, stats = fit(ctx, model, args, train_split, selection, stage=f"fold {fold}")  # selection: checkpoint, stop
     temperature = 1.0
     if ctx.eval_args.calibrate:
@@ -107,10 +110,7 @@ def run_fold(ctx: RunContext, pooled: CachedSplit, fold: int, folds: np.ndarray,
         "log_history": trainer.state.log_history,
     }
     if trainer.is_world_process_zero():
-        fold_dir.mkdir(parents=True, exist_ok=True)
-        tmp = result_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result))
-        tmp.replace(result_path)
+        atomic_write_text(result_path, json.dumps(result))
         for checkpoint in fold_dir.glob("checkpoint-*"):  # fold models are not shipped; keep only the numbers
             shutil.rmtree(checkpoint, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
@@ -149,8 +149,7 @@ def cross_validate(ctx: RunContext) -> Path | None:
     }
     output_dir = Path(ctx.training_args.output_dir)
     if ctx.training_args.process_index == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "cv_results.json").write_text(json.dumps(cv, indent=2))
+        atomic_write_text(output_dir / "cv_results.json", json.dumps(cv, indent=2))
     for key, values in summary.items():
         logger.info("CV %s: %.4f +- %.4f", key, values["mean"], values["std"])
     if ctx.eval_args.no_final:
@@ -160,7 +159,7 @@ def cross_validate(ctx: RunContext) -> Path | None:
     best_epochs = [result["best_epoch"] for result in results if result["best_epoch"] is not None]
     if best_epochs and args.max_steps <= 0:
         args.num_train_epochs = max(1, math.ceil(float(np.median(best_epochs))))
-    model, backend = prepare_model(ctx)
+    model = prepare_model(ctx)
     trainer, stats = fit(ctx, model, args, pooled, None, stage="final model (all non-test data)")
     test_logits = predict_logits(trainer, ctx.splits["test"])
     temperature, fitted_on = 1.0, "none (calibration off)"
@@ -177,4 +176,4 @@ def cross_validate(ctx: RunContext) -> Path | None:
     info = run_info(ctx, model, stats, protocol, args)
     histories = {f"fold {result['fold']}": result["log_history"] for result in results}
     histories["final"] = trainer.state.log_history
-    return finalize(ctx, model, backend, temperature, fitted_on, test_logits, histories, info, cv)
+    return finalize(ctx, model, temperature, fitted_on, test_logits, histories, info, cv)

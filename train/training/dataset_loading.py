@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_dataset, load_from_disk
 
+from train.corpus.build import build_corpus
 from train.training.input_pipeline import CachedSplit, cache_images
 
 logger = logging.getLogger(__name__)
@@ -84,10 +85,6 @@ def build_corpus_from_folder(source: Path, destination: Path, options: dict[str,
     if is_saved_dataset(destination):
         logger.info("reusing the corpus already built at %s", destination)
         return destination
-    try:
-        from train.corpus.build import build_corpus
-    except ImportError as error:  # pragma: no cover - the builder ships with this repository
-        raise DataError(f"{source} is a raw folder and the corpus builder (train/corpus) is missing") from error
     logger.info("building the corpus from %s into %s", source, destination)
     return Path(build_corpus([source], destination, **options))
 

@@ -8,25 +8,11 @@ with the same test as the model package's fast inference path (`cpu_has_native_b
 
 from __future__ import annotations
 
-import platform
-
 import torch
 
-from modeling_cnn_lstm.fast_inference_cnn_lstm import NATIVE_BF16_FLAGS, cpu_flags, cpu_has_native_bf16
+from modeling_cnn_lstm.fast_inference_cnn_lstm import NATIVE_BF16_FLAGS, cpu_flags, cpu_has_native_bf16, cpu_model_name
 
 CPU_PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def cpu_model_name(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """'AMD EPYC 7B13', 'Intel(R) Xeon(R) ...' (platform's answer where /proc/cpuinfo is not readable)."""
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def choose_cpu_precision(requested: str, flags: frozenset[str] | None = None) -> tuple[bool, str]:

@@ -2,8 +2,8 @@
 
 Folder contents: config.json (labels, `calibration_temperature`), the remote-code files + `auto_map`,
 preprocessor_config.json, safetensors (optionally half precision, sharded; config says float32 so it loads as fp32),
-README.md (the rendered card), report/ (metrics.json, report.md, PNG figures). It is assembled in a temporary
-sibling folder and renamed into place, so a failed run never leaves a half-written folder.
+README.md (the rendered card), report/ (metrics.json, report.md, PNG figures). `steps.finalize` assembles it with
+`train.atomic.atomic_folder`, so a failed run never leaves a half-written folder.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import json
 import logging
 import shutil
 import tempfile
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,27 +22,6 @@ from modeling_cnn_lstm import CnnLstmForImageClassification, CnnLstmImageProcess
 logger = logging.getLogger(__name__)
 METRIC_DIR = Path(__file__).resolve().parents[1] / "metrics" / "cxr_metrics"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def atomic_folder(destination: Path, fill: Callable[[Path], None]) -> Path:
-    """Build a folder with `fill(tmp)` next to `destination`, then swap it in; on error nothing changes."""
-    destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = destination.parent / f".{destination.name}.tmp-{uuid.uuid4().hex[:8]}"
-    old = destination.parent / f".{destination.name}.old-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        fill(tmp)
-        if destination.exists():
-            destination.rename(old)
-        tmp.rename(destination)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not destination.exists():
-            old.rename(destination)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return destination
 
 
 def round_to_save_dtype(model: torch.nn.Module, save_dtype: str) -> None:
@@ -64,12 +41,9 @@ def save_model_files(
     folder: Path,
     save_dtype: str = "float32",
     max_shard_size: str = "5GB",
-    cpu_inference_backend: str | None = None,
 ) -> None:
     """Model (a CPU copy: the trained one is left as it is) + processor, with remote code and auto_map."""
     export = copy.deepcopy(model).to("cpu").to(memory_format=torch.contiguous_format).eval()
-    if cpu_inference_backend is not None:
-        export.config.cpu_inference_backend = cpu_inference_backend
     export = export.to(DTYPES[save_dtype])
     export.save_pretrained(folder, max_shard_size=max_shard_size)
     if save_dtype != "float32":  # weights stored small; the config asks for float32 so from_pretrained upcasts

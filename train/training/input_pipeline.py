@@ -28,18 +28,20 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from huggingface_hub import constants as hf_constants
 from PIL import Image
 
 from modeling_cnn_lstm.image_processing_cnn_lstm import match_channels, resize_tensor, to_canonical_array
+from train.atomic import atomic_file
 
 logger = logging.getLogger(__name__)
 CACHE_VERSION = "uint8-v1"
 
 
 def default_cache_dir() -> Path:
-    """`$HF_HOME/cnn_lstm_image_cache` (tests point HF_HOME at a temporary folder)."""
-    hf_home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
-    return Path(hf_home) / "cnn_lstm_image_cache"
+    """`<HF_HOME>/cnn_lstm_image_cache`, where huggingface_hub puts its own cache (it honours HF_HOME, else
+    XDG_CACHE_HOME, and reads them when first imported: tests/conftest.py sets HF_HOME to a temporary folder first)."""
+    return Path(hf_constants.HF_HOME) / "cnn_lstm_image_cache"
 
 
 def decode_resize(image: Any, image_size: int, num_channels: int) -> np.ndarray:
@@ -93,10 +95,8 @@ def cache_images(
         images = list(pool.map(lambda item: decode_resize(item, image_size, num_channels), raw))
     pixels = _stack(images)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, pixels)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp, open(tmp, "wb") as stream:  # a file object: np.save adds no ".npy"
+            np.save(stream, pixels)
     return pixels
 
 

@@ -1,4 +1,5 @@
-"""Render `model_card.md` (a template with `{{ name }}` fields) into the final folder's README.md.
+"""The model card: the facts about a run (`run_info`) and `model_card.md` (a template with `{{ name }}` fields)
+rendered with them and the test report into the final folder's README.md.
 
 Every field must be filled: a missing value or a field left in the output is an error, so a card with a
 placeholder can never be written (or pushed).
@@ -11,8 +12,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+from transformers import PretrainedConfig, TrainingArguments
+
+from modeling_cnn_lstm import CnnLstmForImageClassification
+from train.atomic import atomic_write_text
+from train.training.context import RunContext
+from train.training.hardware import hardware
 from train.training.report import (
-    atomic_write_text,
     calibration_table,
     cv_table,
     intervals_table,
@@ -32,6 +38,129 @@ PLOT_TITLES = {
     "roc_curves": "One-vs-rest ROC curves (paper Fig. 11)",
     "reliability_diagram": "Reliability diagram before and after temperature scaling",
 }
+
+
+def _plain(value: Any) -> str:
+    """Enum members (OptimizerNames.RMSPROP) as their plain value ("rmsprop")."""
+    return str(getattr(value, "value", value))
+
+
+def describe_network(config: PretrainedConfig) -> tuple[str, str]:
+    """The network's name and a one-paragraph description of its layers."""
+    network = "CNN-LSTM" if config.head_type == "lstm" else "competitive CNN (dense head)"
+    head = (
+        f"an LSTM ({config.lstm_hidden_size} units) reads the {config.feature_map_size}x{config.feature_map_size} "
+        f"feature map as a sequence, then a {config.fc_size}-unit dense layer and the classifier"
+        if config.head_type == "lstm"
+        else f"the feature map is flattened into a {config.fc_size}-unit dense layer and the classifier"
+    )
+    convs = sum(len(block) for block in config.block_widths)
+    architecture = (
+        f"A VGG-style trunk of {convs} 3x3 convolutions in {len(config.block_widths)} blocks (widths "
+        f"{config.block_widths}; batch norm {'on' if config.use_batch_norm else 'off'}; dropout "
+        f"{config.block_dropout} per block); {head}."
+    )
+    return network, architecture
+
+
+def _batch_line(ctx: RunContext, args: TrainingArguments) -> str:
+    """Batch size, epochs, checkpoint choice and early stopping, in one sentence."""
+    batch = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+    if not args.load_best_model_at_end:
+        selection = "; the last checkpoint kept (no validation data)"
+    else:
+        selection = f"; checkpoint chosen on validation `{args.metric_for_best_model}`"
+        if "smoothed" in str(args.metric_for_best_model):
+            selection += (
+                f" (mean validation macro-F1 of the last {ctx.eval_args.selection_window} evaluations, the chosen "
+                "checkpoint being the last of them)"
+            )
+    patience = ctx.eval_args.early_stopping_patience
+    return (
+        f"- Batch size {batch} ({args.per_device_train_batch_size} per device x {args.world_size} device(s) x "
+        f"{args.gradient_accumulation_steps} accumulation), up to {args.num_train_epochs:g} epochs"
+        + (f" / {args.max_steps} steps" if args.max_steps > 0 else "")
+        + selection
+        + (
+            f"; early stopping after {patience} evaluations without improvement"
+            if patience and args.load_best_model_at_end
+            else "; no early stopping"
+        )
+        + "."
+    )
+
+
+def _progressive_line(low_res: dict[str, Any], image_size: int) -> str:
+    return (
+        f"- Progressive resizing: first {low_res['epochs']:g} epochs at {low_res['image_size']} px "
+        f"({low_res.get('wall_seconds', 0.0):.0f} s, same optimizer settings, its own schedule, no checkpoint "
+        f"choice), then the trunk, batch norm and LSTM carried over to {image_size} px with "
+        f"{', '.join(low_res['reinitialised']) or 'nothing'} initialised afresh (its input size depends on the "
+        f"image size); the epochs above are the {image_size} px ones."
+    )
+
+
+def training_summary(
+    ctx: RunContext, stats: dict[str, Any], protocol: str, args: TrainingArguments, image_size: int
+) -> str:
+    """The card's list of training facts: protocol, optimizer, batch and selection, augmentation, precision, time."""
+    precision = ctx.precision_reason or ("bf16 autocast" if args.bf16 else "fp16 autocast" if args.fp16 else "fp32")
+    lines = [
+        f"- Protocol: {protocol}.",
+        f"- Optimizer: `{_plain(args.optim)}` ({args.optim_args or 'defaults'}), learning rate "
+        f"{args.learning_rate:g}, `{_plain(args.lr_scheduler_type)}` schedule, weight decay {args.weight_decay:g}, "
+        f"gradient clipping {args.max_grad_norm if args.max_grad_norm else 'off'}.",
+        _batch_line(ctx, args),
+        f"- Augmentation: random rotation within +-{ctx.data_args.rotation_degrees:g} degrees (the paper's).",
+        f"- Precision {precision}; channels_last {ctx.model_args.channels_last}; torch.compile {args.torch_compile}; "
+        f"seed {args.seed}.",
+        f"- Hardware: {hardware()}; training time {stats.get('wall_seconds', 0.0):.1f} s; "
+        f"{stats.get('train_samples_per_second', 0.0):.1f} training images/s (Trainer's count, incl. evaluation).",
+    ]
+    if stats.get("low_res_stage"):
+        lines.insert(3, _progressive_line(stats["low_res_stage"], image_size))
+    return "\n".join(lines)
+
+
+def _data_summary(data_info: dict[str, Any]) -> str:
+    counts = "; ".join(
+        f"{name} {sum(c.values())} (" + ", ".join(f"{label} {count}" for label, count in c.items()) + ")"
+        for name, c in data_info["class_counts"].items()
+    )
+    sources = ", ".join(f"{name} ({count})" for name, count in sorted(data_info["sources"].items()))
+    return (
+        f"Corpus `{data_info['location']}`, patient-disjoint splits. Images per split (per class): {counts}. "
+        f"Sources: {sources or 'not recorded'}."
+    )
+
+
+def run_info(
+    ctx: RunContext,
+    model: CnnLstmForImageClassification,
+    stats: dict[str, Any],
+    protocol: str,
+    args: TrainingArguments | None = None,
+) -> dict[str, Any]:
+    """Facts for the card and metrics.json: network, data, procedure, timing, hardware."""
+    args, config = args or ctx.training_args, model.config
+    network, architecture = describe_network(config)
+    return {
+        "model_name": Path(args.hub_model_id or ctx.eval_args.final_model_dir or "cnn-lstm-cxr").name,
+        "model_id": args.hub_model_id or str(ctx.eval_args.final_model_dir),
+        "network_name": network,
+        "architecture_summary": architecture,
+        "num_parameters": sum(parameter.numel() for parameter in model.parameters()),
+        "image_size": config.image_size,
+        "num_channels": config.num_channels,
+        "datasets": [ctx.data_args.dataset_name] if ctx.data_args.dataset_name else [],
+        "dataset_label": ctx.data_info["location"],
+        "dataset_type": ctx.data_args.dataset_name or "local-corpus",
+        "test_split": ctx.data_args.test_split,
+        "data_summary": _data_summary(ctx.data_info),
+        "training_summary": training_summary(ctx, stats, protocol, args, config.image_size),
+        "world_size": args.world_size,
+        "stats": stats,
+    }
 
 
 class CardError(ValueError):

@@ -22,8 +22,10 @@ import torch
 from transformers import TrainingArguments, set_seed
 
 from modeling_cnn_lstm import CnnLstmForImageClassification
+from train.atomic import atomic_folder
+from train.training.context import RunContext
 from train.training.dataset_loading import to_cached_split
-from train.training.hub_folder import atomic_folder
+from train.training.steps import fit
 
 logger = logging.getLogger(__name__)
 DONE = "done"
@@ -55,12 +57,11 @@ def transfer_weights(source: torch.nn.Module, target: torch.nn.Module) -> list[s
 
 
 def train_low_res(
-    ctx: Any, model: CnnLstmForImageClassification, fit: Any
+    ctx: RunContext, model: CnnLstmForImageClassification
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Train a copy of `model` at `--low_res_image_size` (or load the finished stage); copy its weights into `model`.
 
-    `fit` is `experiment.fit` (passed in: this module is imported by it). Returns the stage's statistics and its
-    Trainer log history (for the training curves).
+    Returns the stage's statistics and its Trainer log history (for the training curves).
     """
     size, epochs = ctx.model_args.low_res_image_size, ctx.model_args.low_res_epochs
     folder = stage_dir(ctx.training_args.output_dir, size)
@@ -103,12 +104,9 @@ def train_low_res(
         history = trainer.state.log_history
         if trainer.is_world_process_zero():
             low.config.low_res_stats = stats
-
-            def fill(folder: Path) -> None:
-                low.save_pretrained(folder)
-                (folder / HISTORY).write_text(json.dumps(history, indent=1))
-
-            atomic_folder(done, fill)
+            with atomic_folder(done) as staging:
+                low.save_pretrained(staging)
+                (staging / HISTORY).write_text(json.dumps(history, indent=1))
         trainer.accelerator.wait_for_everyone()
     kept = transfer_weights(low, model)
     logger.info("carried the %dpx stage over to %dpx; initialised afresh: %s", size, model.config.image_size, kept)

@@ -11,14 +11,13 @@ import csv
 import io
 import json
 import math
-import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from train.atomic import atomic_write_text
 from train.metrics.cxr_metrics.cxr_metrics import compute_classification_metrics, softmax
 from train.training.calibration import calibration_summary
 from train.training.plots import (
@@ -48,21 +47,6 @@ PLOT_FILES = {
     "roc_curves": "roc_curves.png",
     "reliability_diagram": "reliability_diagram.png",
 }
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write `text` to a temporary file in `path`'s folder, then `os.replace` it into place: a reader (or a crash
-    half-way) sees the old file or the new one, never a truncated one."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"  # not mkstemp: keep the usual umask permissions
-    try:
-        with open(tmp, "x", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def bootstrap_intervals(
@@ -180,7 +164,7 @@ def write_report(
     atomic_write_text(report_dir / "report.md", render_report_markdown(report))
     atomic_write_text(report_dir / PREDICTIONS_FILE, predictions_csv(probabilities, labels, names, columns))
     if histories:
-        (report_dir / "training_history.json").write_text(json.dumps(histories, indent=1))
+        atomic_write_text(report_dir / "training_history.json", json.dumps(histories, indent=1))
     return report
 
 

@@ -173,6 +173,77 @@ def _mean_defined(values: list[float | None]) -> float | None:
     return float(np.mean(defined)) if defined else None
 
 
+def _class_names(
+    predictions: np.ndarray, references: np.ndarray, label_names: list[str] | None, num_classes: int | None
+) -> list[str]:
+    """The class names, their number taken from `num_classes`, else the names, the score width or the indices."""
+    if num_classes is None:
+        if label_names is not None:
+            num_classes = len(label_names)
+        elif predictions.ndim == 2:
+            num_classes = predictions.shape[1]
+        else:
+            num_classes = int(max(references.max(), predictions.max())) + 1
+    names = list(label_names) if label_names is not None else [str(index) for index in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} label names for {num_classes} classes")
+    if references.min() < 0 or references.max() >= num_classes:
+        raise ValueError(f"references must be class indices in [0, {num_classes}), got {sorted(set(references))}")
+    return names
+
+
+def _predicted_classes(
+    predictions: np.ndarray, num_classes: int, input_type: str
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """(probabilities or None for hard predictions, predicted class per sample)."""
+    if predictions.ndim == 2:
+        if predictions.shape[1] != num_classes:
+            raise ValueError(f"predictions have {predictions.shape[1]} scores per sample, expected {num_classes}")
+        probabilities = to_probabilities(predictions, input_type)
+        return probabilities, probabilities.argmax(axis=1)
+    if predictions.ndim == 1:
+        predicted = predictions.astype(np.int64)
+        if predicted.min() < 0 or predicted.max() >= num_classes:
+            raise ValueError(f"hard predictions must be class indices in [0, {num_classes})")
+        return None, predicted
+    raise ValueError(f"predictions must be (n,) class indices or (n, c) scores, got shape {predictions.shape}")
+
+
+def _per_class(
+    matrix: np.ndarray, names: list[str], references: np.ndarray, probabilities: np.ndarray | None
+) -> dict[str, dict[str, Any]]:
+    """One-vs-rest accuracy, precision, sensitivity, specificity, F1, AUC and support of every class."""
+    total = int(matrix.sum())
+    per_class: dict[str, dict[str, Any]] = {}
+    for index, name in enumerate(names):
+        true_positive = int(matrix[index, index])
+        false_negative = int(matrix[index].sum()) - true_positive
+        false_positive = int(matrix[:, index].sum()) - true_positive
+        true_negative = total - true_positive - false_negative - false_positive
+        per_class[name] = {
+            "accuracy": _ratio(true_positive + true_negative, total),
+            "precision": _ratio(true_positive, true_positive + false_positive),
+            "sensitivity": _ratio(true_positive, true_positive + false_negative),
+            "specificity": _ratio(true_negative, true_negative + false_positive),
+            "f1": _ratio(2 * true_positive, 2 * true_positive + false_positive + false_negative),
+            "auc": binary_auc(references == index, probabilities[:, index]) if probabilities is not None else None,
+            "support": true_positive + false_negative,
+        }
+    return per_class
+
+
+def _calibration(probabilities: np.ndarray | None, references: np.ndarray, ece_bins: int) -> dict[str, Any]:
+    """ECE, NLL and the reliability bins (all None for hard predictions)."""
+    if probabilities is None:
+        return {"ece": None, "nll": None, "calibration_bins": None}
+    picked = probabilities[np.arange(len(references)), references]
+    return {
+        "ece": expected_calibration_error(probabilities, references, ece_bins),
+        "nll": float(-np.mean(np.log(np.clip(picked, 1e-12, None)))),
+        "calibration_bins": calibration_bins(probabilities, references, ece_bins),
+    }
+
+
 def compute_classification_metrics(
     predictions: Any,
     references: Any,
@@ -188,70 +259,16 @@ def compute_classification_metrics(
         raise ValueError("no samples to evaluate (empty references)")
     if predictions.shape[0] != len(references):
         raise ValueError(f"{predictions.shape[0]} predictions for {len(references)} references")
-    scores = predictions.ndim == 2
-    if num_classes is None:
-        if label_names is not None:
-            num_classes = len(label_names)
-        elif scores:
-            num_classes = predictions.shape[1]
-        else:
-            num_classes = int(max(references.max(), predictions.max())) + 1
-    names = list(label_names) if label_names is not None else [str(index) for index in range(num_classes)]
-    if len(names) != num_classes:
-        raise ValueError(f"{len(names)} label names for {num_classes} classes")
-    if references.min() < 0 or references.max() >= num_classes:
-        raise ValueError(f"references must be class indices in [0, {num_classes}), got {sorted(set(references))}")
-    probabilities = None
-    if scores:
-        if predictions.shape[1] != num_classes:
-            raise ValueError(f"predictions have {predictions.shape[1]} scores per sample, expected {num_classes}")
-        probabilities = to_probabilities(predictions, input_type)
-        predicted = probabilities.argmax(axis=1)
-    elif predictions.ndim == 1:
-        predicted = predictions.astype(np.int64)
-        if predicted.min() < 0 or predicted.max() >= num_classes:
-            raise ValueError(f"hard predictions must be class indices in [0, {num_classes})")
-    else:
-        raise ValueError(f"predictions must be (n,) class indices or (n, c) scores, got shape {predictions.shape}")
-
-    matrix = confusion_matrix(references, predicted, num_classes)
-    total = int(matrix.sum())
-    per_class: dict[str, dict[str, Any]] = {}
-    for index, name in enumerate(names):
-        true_positive = int(matrix[index, index])
-        false_negative = int(matrix[index].sum()) - true_positive
-        false_positive = int(matrix[:, index].sum()) - true_positive
-        true_negative = total - true_positive - false_negative - false_positive
-        precision = _ratio(true_positive, true_positive + false_positive)
-        sensitivity = _ratio(true_positive, true_positive + false_negative)
-        f1 = _ratio(2 * true_positive, 2 * true_positive + false_positive + false_negative)
-        per_class[name] = {
-            "accuracy": _ratio(true_positive + true_negative, total),
-            "precision": precision,
-            "sensitivity": sensitivity,
-            "specificity": _ratio(true_negative, true_negative + false_positive),
-            "f1": f1,
-            "auc": binary_auc(references == index, probabilities[:, index]) if probabilities is not None else None,
-            "support": true_positive + false_negative,
-        }
-    result: dict[str, Any] = {"accuracy": float(np.trace(matrix) / total)}
+    names = _class_names(predictions, references, label_names, num_classes)
+    probabilities, predicted = _predicted_classes(predictions, len(names), input_type)
+    matrix = confusion_matrix(references, predicted, len(names))
+    per_class = _per_class(matrix, names, references, probabilities)
+    result: dict[str, Any] = {"accuracy": float(np.trace(matrix) / matrix.sum())}
     for key in MACRO_KEYS:
         result[f"macro_{key}"] = _mean_defined([per_class[name][key] for name in names])
-    if probabilities is not None:
-        picked = probabilities[np.arange(total), references]
-        result["ece"] = expected_calibration_error(probabilities, references, ece_bins)
-        result["nll"] = float(-np.mean(np.log(np.clip(picked, 1e-12, None))))
-        result["calibration_bins"] = calibration_bins(probabilities, references, ece_bins)
-    else:
-        result.update({"ece": None, "nll": None, "calibration_bins": None})
-    result.update(
-        {
-            "per_class": per_class,
-            "confusion_matrix": matrix.tolist(),
-            "label_names": names,
-            "num_samples": total,
-        }
-    )
+    result.update(_calibration(probabilities, references, ece_bins))
+    result["per_class"], result["confusion_matrix"] = per_class, matrix.tolist()
+    result["label_names"], result["num_samples"] = names, len(references)
     return result
 
 
@@ -276,14 +293,7 @@ class CxrMetrics(evaluate.Metric):
             reference_urls=["https://doi.org/10.1016/j.imu.2020.100412", "https://arxiv.org/abs/1706.04599"],
         )
 
-    def _compute(
-        self,
-        predictions: Any,
-        references: Any,
-        label_names: list[str] | None = None,
-        num_classes: int | None = None,
-        input_type: str = "auto",
-        ece_bins: int = 15,
-    ) -> dict[str, Any]:
+    def _compute(self, predictions: Any, references: Any, **options: Any) -> dict[str, Any]:
+        """`options`: label_names, num_classes, input_type, ece_bins (see `compute_classification_metrics`)."""
         # evaluate hands over python lists (its numpy format does not take sequence features)
-        return compute_classification_metrics(predictions, references, label_names, num_classes, input_type, ece_bins)
+        return compute_classification_metrics(predictions, references, **options)

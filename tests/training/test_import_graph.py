@@ -1,0 +1,75 @@
+"""No two modules under train/ import each other, directly or round a longer loop (DESIGN.md section 1).
+
+Read from the source with `ast`, so every import counts: inside functions and under TYPE_CHECKING too (a cycle
+hidden there is still a cycle).
+"""
+
+from __future__ import annotations
+
+import ast
+import graphlib
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def module_names(root: Path) -> dict[str, Path]:
+    """Dotted name -> file of every module under root/train (a package by its `__init__.py`)."""
+    modules = {}
+    for path in sorted((root / "train").rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def imported_modules(module: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """The train modules `module` imports anywhere in its file (a name imported from a package counts as its
+    submodule when there is one, else as the package)."""
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
+            targets = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+        else:
+            continue
+        for target in targets:
+            while target and target not in known:
+                target = target.rpartition(".")[0]
+            if target and target != module and not module.startswith(f"{target}."):  # a package's own __init__
+                found.add(target)
+    return found
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    modules = module_names(root)
+    return {module: imported_modules(module, path, modules) for module, path in modules.items()}
+
+
+def test_train_modules_import_each_other_in_one_direction_only():
+    graph = import_graph(REPO_ROOT)
+    assert "train.corpus.split" in graph and "train.corpus.options" in graph["train.corpus.split"]  # it reads them
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as error:
+        raise AssertionError(f"import cycle: {' -> '.join(error.args[1])}") from None
+
+
+def test_a_hidden_cycle_is_found(tmp_path: Path):
+    """The check itself: a cycle through a function-level relative import fails it."""
+    package = tmp_path / "train" / "corpus"
+    package.mkdir(parents=True)
+    (tmp_path / "train" / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from .b import thing\n")
+    (package / "b.py").write_text("def thing():\n    from . import a\n")
+    graph = import_graph(tmp_path)
+    assert graph["train.corpus.a"] == {"train.corpus.b"} and graph["train.corpus.b"] == {"train.corpus.a"}
+    with pytest.raises(graphlib.CycleError):
+        graphlib.TopologicalSorter(graph).prepare()
