@@ -1,4 +1,6 @@
-"""No two modules under train/ import each other, directly or round a longer loop (DESIGN.md section 1).
+"""The project's packages import in one direction (DESIGN.md section 1): no two modules import each other, directly
+or round a longer loop, and the layers hold: the model package imports neither the app nor training (it is what the
+Hub folder carries), and the app and training do not import each other.
 
 Read from the source with `ast`, so every import counts: inside functions and under TYPE_CHECKING too (a cycle
 hidden there is still a cycle).
@@ -12,20 +14,23 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("modeling_cnn_lstm", "cxr_app", "train")
+# package -> the project packages it may import
+LAYERS = {"modeling_cnn_lstm": set(), "cxr_app": {"modeling_cnn_lstm"}, "train": {"modeling_cnn_lstm"}}
 
 
 def module_names(root: Path) -> dict[str, Path]:
-    """Dotted name -> file of every module under root/train (a package by its `__init__.py`)."""
+    """Dotted name -> file of every module of the project's packages (a package by its `__init__.py`)."""
     modules = {}
-    for path in sorted((root / "train").rglob("*.py")):
+    for path in sorted(path for package in PACKAGES for path in (root / package).rglob("*.py")):
         parts = path.relative_to(root).with_suffix("").parts
         modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return modules
 
 
 def imported_modules(module: str, path: Path, known: dict[str, Path]) -> set[str]:
-    """The train modules `module` imports anywhere in its file (a name imported from a package counts as its
+    """The project modules `module` imports anywhere in its file (a name imported from a package counts as its
     submodule when there is one, else as the package)."""
     package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
     found = set()
@@ -52,7 +57,7 @@ def import_graph(root: Path) -> dict[str, set[str]]:
     return {module: imported_modules(module, path, modules) for module, path in modules.items()}
 
 
-def test_train_modules_import_each_other_in_one_direction_only():
+def test_modules_import_each_other_in_one_direction_only():
     graph = import_graph(REPO_ROOT)
     assert "train.corpus.split" in graph and "train.corpus.options" in graph["train.corpus.split"]  # it reads them
     try:
@@ -73,3 +78,28 @@ def test_a_hidden_cycle_is_found(tmp_path: Path):
     assert graph["train.corpus.a"] == {"train.corpus.b"} and graph["train.corpus.b"] == {"train.corpus.a"}
     with pytest.raises(graphlib.CycleError):
         graphlib.TopologicalSorter(graph).prepare()
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    found = []
+    for module, imported in sorted(graph.items()):
+        package = module.split(".")[0]
+        wrong = sorted(name for name in imported if name.split(".")[0] not in LAYERS[package] | {package})
+        if wrong:
+            found.append(f"{module} imports {wrong}: {package} may import only {sorted(LAYERS[package])}")
+    return found
+
+
+def test_layers_model_then_app_or_training():
+    assert layer_violations(import_graph(REPO_ROOT)) == []
+
+
+def test_a_model_module_importing_the_app_is_found(tmp_path: Path):
+    for package in PACKAGES:
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / "cxr_app" / "demo.py").write_text("from modeling_cnn_lstm import x\n")
+    (tmp_path / "modeling_cnn_lstm" / "x.py").write_text("def f():\n    import cxr_app.demo\n")
+    assert layer_violations(import_graph(tmp_path)) == [
+        "modeling_cnn_lstm.x imports ['cxr_app.demo']: modeling_cnn_lstm may import only []"
+    ]
