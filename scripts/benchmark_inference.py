@@ -36,6 +36,7 @@ from modeling_cnn_lstm.fast_inference_cnn_lstm import (
     clear_decisions,
     cpu_has_native_bf16,
 )
+from train.training.checkpoint_loading import NotACnnLstmCheckpoint, load_model_and_processor
 
 RUNNERS = ("runner_torch", "runner_channels_last", "runner_onnxruntime", "runner_bf16", "runner_auto")
 PATHS = ("eager_fp32", "channels_last_fp32", "autocast_bf16", *RUNNERS, "compiled_fp32")
@@ -68,11 +69,10 @@ def load_model(model_id: str | None, seed: int) -> tuple[CnnLstmForImageClassifi
         return CnnLstmForImageClassification(config).eval(), CnnLstmImageProcessor.from_model_config(config), (
             f"paper config, random weights (seed {seed})"
         )
-    model = CnnLstmForImageClassification.from_pretrained(model_id).eval()
     try:
-        processor = CnnLstmImageProcessor.from_pretrained(model_id)
-    except OSError:  # a folder without preprocessor_config.json
-        processor = CnnLstmImageProcessor.from_model_config(model.config)
+        model, processor = load_model_and_processor(model_id)  # this repository's classes, after a model_type check
+    except NotACnnLstmCheckpoint as error:
+        raise SystemExit(f"error: --model {error}") from None
     return model, processor, model_id
 
 

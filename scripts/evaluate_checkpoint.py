@@ -7,7 +7,8 @@ Prints ONE JSON object of metrics on stdout (logs go to stderr, including where 
 report folder: metrics.json, report.md, predictions.csv and the PNG figures, as at the end of training. The folder
 is written atomically, and an existing non-empty one is refused before any image is read unless --overwrite.
 Images go through the checkpoint's own image processor and forward pass, i.e. what a user of the checkpoint gets
-(the stored calibration temperature included; "uncalibrated" numbers are recomputed from logits x T).
+(the stored calibration temperature included; "uncalibrated" numbers are recomputed from logits x T). This
+repository's classes load it: code stored beside the weights is never run (a non-CNN-LSTM config is refused).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from datasets import Dataset
 from transformers import HfArgumentParser
 
 from train.atomic import DestinationExists, atomic_folder, check_destination
-from train.training.checkpoint_loading import load_checkpoint
+from train.training.checkpoint_loading import NotACnnLstmCheckpoint, load_checkpoint
 from train.training.dataset_loading import load_split
 from train.training.report import write_report
 
@@ -36,7 +37,9 @@ SUMMARY_KEYS = ("accuracy", "macro_precision", "macro_sensitivity", "macro_speci
 
 @dataclass
 class EvaluateArguments:
-    model: str = field(metadata={"help": "Checkpoint folder or Hub model id (loaded with trust_remote_code)."})
+    model: str = field(
+        metadata={"help": "Checkpoint folder or Hub model id (loaded with this repository's classes, no remote code)."}
+    )
     data_dir: str = field(metadata={"help": "A save_to_disk corpus or any folder in the cxr3 layout."})
     output_dir: str | None = field(
         default=None,
@@ -83,7 +86,10 @@ def main(argv: list[str] | None = None) -> dict:
         check_destination(output_dir, args.overwrite)  # before minutes of inference, not after
     except DestinationExists as error:
         raise SystemExit(f"error: --output_dir {error}") from None
-    model, processor, label_names = load_checkpoint(args.model, args.device, args.revision)
+    try:
+        model, processor, label_names = load_checkpoint(args.model, args.device, args.revision)
+    except NotACnnLstmCheckpoint as error:
+        raise SystemExit(f"error: --model {error}") from None
     data_dir = Path(args.data_dir)
     dataset = load_split(data_dir, args.split, label_names)
     temperature = float(getattr(model.config, "calibration_temperature", 1.0))

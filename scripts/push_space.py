@@ -9,6 +9,9 @@ The Space holds exactly what the app needs: app.py, the modeling_cnn_lstm packag
 checkpoints/cnn-lstm-cxr3, which the app serves by default), space/README.md (Space metadata) as README.md and
 space/requirements.txt. Without a checkpoint the Space starts and says that no trained model is installed (or set
 the Space variable CNN_LSTM_MODEL).
+
+`--output_dir` is written atomically (train/atomic.py): a failed assembly leaves it as it was, and an existing
+non-empty folder is refused, dry run or not, unless `--overwrite`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from train.atomic import DestinationExists, atomic_folder, check_destination
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPACE_CHECKPOINT = Path("checkpoints") / "cnn-lstm-cxr3"
@@ -32,6 +37,7 @@ class PushSpaceArguments:
         metadata={"help": "Checkpoint folder to ship (skipped with a note when it does not exist)."},
     )
     output_dir: str | None = field(default=None, metadata={"help": "Assemble here (default: a temporary folder)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace --output_dir if it exists and is not empty."})
     private: bool = field(default=False, metadata={"help": "Create the Space as private."})
     commit_message: str = field(default="Update the CNN-LSTM chest X-ray demo", metadata={"help": "Commit title."})
     dry_run: bool = field(default=False, metadata={"help": "Assemble only; do not contact the Hub."})
@@ -49,10 +55,10 @@ def _copy_files(source: Path, destination: Path, patterns: tuple[str, ...]) -> l
 
 
 def assemble_space(destination: Path, checkpoint: Path | None) -> list[str]:
-    """Copy the Space's files into `destination` (emptied first); returns their paths relative to it."""
-    if destination.exists():
-        shutil.rmtree(destination)
-    destination.mkdir(parents=True)
+    """Copy the Space's files into the empty or new folder `destination`; returns their paths relative to it."""
+    destination.mkdir(parents=True, exist_ok=True)
+    if any(destination.iterdir()):
+        raise FileExistsError(f"{destination} is not empty")
     shutil.copy2(REPO_ROOT / "app.py", destination / "app.py")
     shutil.copy2(REPO_ROOT / "space" / "README.md", destination / "README.md")
     shutil.copy2(REPO_ROOT / "space" / "requirements.txt", destination / "requirements.txt")
@@ -85,13 +91,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.space_id is None and not args.dry_run:
         print("--space_id is required (or --dry_run to only assemble)", file=sys.stderr)
         return 2
+    if args.output_dir:
+        try:
+            check_destination(args.output_dir, args.overwrite)  # before anything is copied or deleted
+        except DestinationExists as error:
+            print(f"error: --output_dir {error}", file=sys.stderr)
+            return 2
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_dir():
         print(f"note: no checkpoint at {checkpoint}; the Space will say that no trained model is installed")
         checkpoint = None
     with tempfile.TemporaryDirectory(prefix="cnn-lstm-space-") as tmp:
         folder = Path(args.output_dir) if args.output_dir else Path(tmp) / "space"
-        files = assemble_space(folder, checkpoint)
+        try:
+            with atomic_folder(folder, overwrite=args.overwrite) as staging:
+                files = assemble_space(staging, checkpoint)
+        except DestinationExists as error:
+            print(f"error: --output_dir {error}", file=sys.stderr)
+            return 2
         print(f"assembled {len(files)} files in {folder}")
         if args.dry_run:
             print("\n".join(files))

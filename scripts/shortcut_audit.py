@@ -37,7 +37,7 @@ from transformers import HfArgumentParser
 
 from train.atomic import atomic_write_text
 from train.metrics.cxr_metrics.cxr_metrics import compute_classification_metrics
-from train.training.checkpoint_loading import load_checkpoint
+from train.training.checkpoint_loading import NotACnnLstmCheckpoint, load_checkpoint
 from train.training.dataset_loading import load_split
 
 logger = logging.getLogger("shortcut_audit")
@@ -55,7 +55,9 @@ CHANCE_MARGIN = 0.15  # accuracy this far above chance with the lungs masked cou
 
 @dataclass
 class AuditArguments:
-    model: str = field(metadata={"help": "Checkpoint folder (loaded with trust_remote_code, as float32)."})
+    model: str = field(
+        metadata={"help": "Checkpoint folder or Hub id (this repository's classes, no remote code; as float32)."}
+    )
     data_dir: str = field(metadata={"help": "A save_to_disk corpus or any folder in the cxr3 layout."})
     split: str = field(default="test", metadata={"help": "Split of a built corpus to audit."})
     output_dir: str | None = field(default=None, metadata={"help": "Report folder (default: shortcut_audit/<model>)."})
@@ -206,7 +208,10 @@ def plot_mask(processor: Any, image: Any, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     (args,) = HfArgumentParser(AuditArguments).parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    model, processor, label_names = load_checkpoint(args.model, args.device)
+    try:
+        model, processor, label_names = load_checkpoint(args.model, args.device)
+    except NotACnnLstmCheckpoint as error:
+        raise SystemExit(f"error: --model {error}") from None
     dataset = load_split(Path(args.data_dir), args.split, label_names)
     if args.max_samples is not None:
         dataset = dataset.select(range(min(args.max_samples, len(dataset))))

@@ -124,3 +124,19 @@ def test_dry_run_needs_no_hub(tmp_path):
     assert completed.returncode == 0, completed.stderr
     assert (tmp_path / "space" / "app.py").is_file() and (tmp_path / "space" / "README.md").is_file()
     assert not (tmp_path / "space" / "space").exists()
+
+
+def test_existing_output_dir_is_kept_unless_overwrite(tmp_path):
+    """A non-empty --output_dir is refused, dry run or not, and left as it was; --overwrite replaces it whole."""
+    output = tmp_path / "space"
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+    command = [sys.executable, str(REPO_ROOT / "scripts" / "push_space.py"), "--dry_run", "--output_dir", str(output),
+               "--checkpoint", str(tmp_path / "missing")]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--overwrite" in refused.stderr, refused.stderr
+    assert [path.name for path in output.iterdir()] == ["notes.txt"]
+    replaced = subprocess.run([*command, "--overwrite"], capture_output=True, text=True, timeout=120)
+    assert replaced.returncode == 0, replaced.stderr
+    assert (output / "app.py").is_file() and not (output / "notes.txt").exists()
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".space.")]  # no staging left behind

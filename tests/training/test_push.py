@@ -1,5 +1,7 @@
 """`--push_to_hub` end to end against the local Hub stand-in: the files arrive, and the pushed checkpoint loads
-back through `from_pretrained(..., trust_remote_code=True)` with the same logits as the local folder.
+back through `from_pretrained(..., trust_remote_code=True)` with the same logits as the local folder. The run gets its
+credentials from `--hub_token` only, and the token is in none of the files it writes (TrainingArguments are pickled
+into every checkpoint's training_args.bin).
 
 The pushing and pulling code runs in subprocesses: huggingface_hub reads HF_ENDPOINT at import time.
 """
@@ -19,8 +21,21 @@ from tests.hub_standin import HubStandIn, hub_env, run_python
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO_ROOT / "train" / "configs" / "tiny.json"
 MODEL_ID = "standin-user/cnn-lstm-tiny"
+SECRET = "hf_secret-token-for-this-test-only"
 METRIC_ID = "standin-user/cxr_metrics"
 DATA_ID = "standin-user/tiny-cxr"
+
+
+def assert_token_nowhere(output_dir: Path) -> None:
+    """The checkpoints' training_args.bin hold no token (loaded, and as bytes), nor does any other file of the run."""
+    import torch
+
+    saved = sorted(output_dir.rglob("training_args.bin"))
+    assert saved, "the tiny run saved no checkpoint"
+    for path in saved:
+        assert torch.load(path, weights_only=False).hub_token is None, path
+    leaking = [str(path) for path in output_dir.rglob("*") if path.is_file() and SECRET.encode() in path.read_bytes()]
+    assert leaking == [], f"the hub token was written to {leaking}"
 
 
 @pytest.mark.slow
@@ -33,6 +48,7 @@ def test_push_round_trip(hub_standin: HubStandIn, tiny_corpus: Path, tmp_path: P
     )
     output_dir = tmp_path / "run"
     data = ["--config", str(TINY_CONFIG), "--dataset_name", DATA_ID, "--output_dir", str(output_dir)]
+    run_env = {key: value for key, value in env.items() if key != "HF_TOKEN"}  # --hub_token is the only credential
     command = [
         sys.executable,
         "train/run.py",
@@ -44,10 +60,13 @@ def test_push_round_trip(hub_standin: HubStandIn, tiny_corpus: Path, tmp_path: P
         MODEL_ID,
         "--push_metric_to_hub",
         METRIC_ID,
+        "--hub_token",
+        SECRET,
     ]
-    proc = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(command, env=run_env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     final = output_dir / "final"
+    assert_token_nowhere(output_dir)
 
     local_files = sorted(str(p.relative_to(final)) for p in final.rglob("*") if p.is_file())
     pushed = hub_standin.list_files(MODEL_ID)

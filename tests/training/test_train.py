@@ -24,6 +24,7 @@ from train.training.dataset_loading import DataError
 pytestmark = pytest.mark.shared_data  # every run here trains on real X-rays from ../shared/data/cxr3
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LABEL_NAMES = ["COVID-19", "Normal", "Pneumonia"]
+HUB_TOKEN = "hf_never-saved-token"  # given to the tiny run; no file it writes may hold it
 CORPUS_OPTIONS = json.dumps({"num_folds": 2, "test_fraction": 0.25, "num_workers": 1, "benchmark_images": 0})
 PLOTS = (
     "confusion_matrix",
@@ -39,7 +40,7 @@ PLOTS = (
 def tiny_run(mini_cxr3: Path, tmp_path_factory: pytest.TempPathFactory, run_main, tiny_args) -> Path:
     """One tiny run from a RAW cxr3-layout folder: the corpus builder runs on the fly."""
     output_dir = tmp_path_factory.mktemp("tiny-run")
-    final = run_main(tiny_args(mini_cxr3, output_dir, "--corpus_options", CORPUS_OPTIONS))
+    final = run_main(tiny_args(mini_cxr3, output_dir, "--corpus_options", CORPUS_OPTIONS, "--hub_token", HUB_TOKEN))
     assert final == output_dir / "final"
     return output_dir
 
@@ -59,6 +60,16 @@ def test_final_folder_is_a_hub_model_repo(tiny_run: Path):
     assert (final / "model.safetensors").is_file() and (final / "README.md").is_file()
     assert not list(tiny_run.glob(".final.*")), "temporary folders left behind"
     assert (tiny_run / "corpus" / "dataset_dict.json").is_file(), "the raw folder was not built into a corpus"
+
+
+def test_hub_token_is_in_no_saved_file(tiny_run: Path):
+    """TrainingArguments are pickled into every checkpoint's training_args.bin: --hub_token must not be in them."""
+    saved = sorted(tiny_run.rglob("training_args.bin"))
+    assert saved
+    for path in saved:
+        assert torch.load(path, weights_only=False).hub_token is None, path
+    leaking = [str(path) for path in tiny_run.rglob("*") if path.is_file() and HUB_TOKEN.encode() in path.read_bytes()]
+    assert leaking == []
 
 
 def test_metrics_json_keys_and_ranges(tiny_run: Path):

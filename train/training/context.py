@@ -32,3 +32,4 @@ class RunContext:
     sources: dict[str, Any] = field(default_factory=dict)  # the selected datasets.Dataset per split (other sizes)
     cache_dir: Path | None = None
     precision_reason: str = ""
+    hub_token: str | None = field(default=None, repr=False)  # --hub_token, kept out of TrainingArguments (pickled)

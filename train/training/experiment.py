@@ -153,6 +153,9 @@ def run(
     eval_args: EvaluationArguments,
     training_args: TrainingArguments,
 ) -> Path | None:
+    # The token leaves TrainingArguments before anything else happens: the Trainer pickles them into every
+    # checkpoint's training_args.bin, which may be shared or pushed. The pushes get it from the context instead.
+    hub_token, training_args.hub_token = training_args.hub_token, None
     if training_args.push_to_hub and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id")
     if eval_args.cross_validation and model_args.low_res_epochs > 0:
@@ -160,6 +163,7 @@ def run(
     if eval_args.final_model_dir is None:
         eval_args.final_model_dir = str(Path(training_args.output_dir) / "final")
     ctx = prepare(model_args, data_args, eval_args, training_args)
+    ctx.hub_token = hub_token
     final = cross_validate(ctx) if eval_args.cross_validation else single_run(ctx)
     shutdown_distributed()
     return final

@@ -142,7 +142,7 @@ def finalize(
     logger.info("final model folder written to %s", destination)
     if ctx.push_to_hub:
         args = ctx.training_args
-        push_folder(destination, args.hub_model_id, args.hub_token, args.hub_private_repo)
+        push_folder(destination, args.hub_model_id, ctx.hub_token, args.hub_private_repo)
     if ctx.eval_args.push_metric_to_hub:
-        push_metric(ctx.eval_args.push_metric_to_hub, ctx.training_args.hub_token)
+        push_metric(ctx.eval_args.push_metric_to_hub, ctx.hub_token)
     return destination
