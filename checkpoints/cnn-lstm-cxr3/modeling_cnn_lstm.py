@@ -7,6 +7,7 @@ by nothing (flatten -> dense), which is the paper's "competitive CNN".
 
 from __future__ import annotations
 
+import contextvars
 import math
 
 import torch
@@ -26,6 +27,10 @@ try:  # Optional: only needed for `backbone="<timm model name>"`; paper checkpoi
     import timm
 except ImportError:  # pragma: no cover - exercised where timm is absent
     timm = None
+
+# True while `from_pretrained` builds the model: the checkpoint's weights then replace the backbone's, so a timm
+# backbone is built without its pretrained weights (no download), whatever the config's `backbone_pretrained` says.
+_LOADING_CHECKPOINT = contextvars.ContextVar("cnn_lstm_loading_checkpoint", default=False)
 
 
 class CnnLstmConvBlock(nn.Module):
@@ -84,7 +89,7 @@ class CnnLstmTimmEncoder(nn.Module):
             raise ImportError(f"backbone={config.backbone!r} needs timm: pip install timm")
         self.model = timm.create_model(
             config.backbone,
-            pretrained=config.backbone_pretrained,
+            pretrained=config.backbone_pretrained and not _LOADING_CHECKPOINT.get(),
             features_only=True,
             in_chans=config.num_channels,
         )
@@ -148,6 +153,17 @@ class CnnLstmPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     _no_split_modules = ["CnnLstmConvBlock"]
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, except that it never downloads timm backbone weights: the checkpoint
+        holds the trained ones, and a hand-edited or foreign config.json with `backbone_pretrained: true` must not
+        make loading reach the network (or fail offline)."""
+        loading = _LOADING_CHECKPOINT.set(True)
+        try:
+            return super().from_pretrained(*args, **kwargs)
+        finally:
+            _LOADING_CHECKPOINT.reset(loading)
+
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         expected = (self.config.num_channels, self.config.image_size, self.config.image_size)
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4 or pixel_values.shape[1:] != expected:
@@ -193,7 +209,8 @@ class CnnLstmModel(CnnLstmPreTrainedModel):
     def __init__(self, config: CnnLstmConfig) -> None:
         super().__init__(config)
         self.encoder = CnnLstmEncoder(config) if config.backbone == "paper" else CnnLstmTimmEncoder(config)
-        # Pretrained timm weights are fetched once, at creation; the saved config must never ask for them again.
+        # Pretrained timm weights are fetched once, when a new model is created, never by `from_pretrained`; the saved
+        # config does not ask for them either.
         config.backbone_pretrained = False
         self.post_init()
 
