@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
+from tests.app.crafted_files import secondary_capture
+
 
 # -- upload files --------------------------------------------------------------------------------------------------
 def encode(image: Image.Image, format: str = "PNG", **options: object) -> bytes:
@@ -64,19 +66,7 @@ class UploadFiles:
     def dicom(self, name: str, array: np.ndarray, photometric: str = "MONOCHROME2", **tags: object) -> Path:
         """An uncompressed 12-bit DICOM built in code (pydicom's sample files would need the network), with patient
         tags that must never reach the user."""
-        from pydicom.dataset import Dataset, FileMetaDataset
-        from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate = "Doe^Jane", "SECRET-123", "19700101"
-        ds.InstitutionName = "St Elsewhere Hospital"
-        ds.Modality = "DX"
+        ds = secondary_capture(patient=True)
         ds.Rows, ds.Columns = array.shape[-2:]
         if array.ndim == 3:
             ds.NumberOfFrames = array.shape[0]
