@@ -5,6 +5,12 @@
 Without --model the app serves $CNN_LSTM_MODEL (+ $CNN_LSTM_REVISION), else checkpoints/cnn-lstm-cxr3 beside this
 file. The app's code is the cxr_app package (cxr_app/demo.py); `demo` is built at import so that Hugging Face
 Spaces and `gradio app.py` find it.
+
+Public deployment settings (environment, e.g. Space variables): $CNN_LSTM_DELETE_CACHE = "FREQUENCY,AGE" seconds
+between sweeps of uploads and results / their age when deleted (default "300,600": gone within 15 minutes);
+$CNN_LSTM_PROXY_HOPS = trusted reverse proxies in front of the app (default 1 on a Space, else 0), whose
+X-Forwarded-For entry names the client for the per-client limits; $CNN_LSTM_RATE_LIMITS=off turns those limits off;
+$CNN_LSTM_SLOW_MAP_NICE = how much lower the priority of Integrated Gradients / Occlusion is (default 10, 0 = same).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 `CxrDemo.predict` / `CxrDemo.explain` are what the UI and the `/predict` and `/explain` API endpoints call (and what
 the tests and scripts/benchmark_app.py time). Every failure reaches the user as a `gr.Error` with a sentence, never
 as a traceback, and the server keeps serving. Without a trained checkpoint the app starts and says how to get one.
+For a public deployment, `build_demo` adds per-client limits (cxr_app/limits.py) and deletes uploads on a schedule
+(cxr_app/retention.py); the page says both beside the upload box.
 
 Where the default checkpoint and the example X-rays are: under the app's home folder, the one that holds
 `checkpoints/` and `examples/`. `app.py` passes its own folder; without one the current directory is used, so an
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gradio as gr
 import numpy as np
 import torch
 from PIL import Image
@@ -28,8 +31,18 @@ from modeling_cnn_lstm.fast_inference_cnn_lstm import CnnLstmFastInference
 from modeling_cnn_lstm.image_processing_cnn_lstm import CnnLstmImageProcessor
 
 from . import guardrails
+from .limits import (
+    GRAD_CAM_MAP,
+    PREDICT,
+    SLOW_MAP,
+    FairUse,
+    LowPriorityWorker,
+    RateLimited,
+    limit_waiting_per_client,
+)
+from .retention import delete_cache_setting, protect_build_time_files, retention_text
 from .saliency import GRAD_CAM, INTEGRATED_GRADIENTS, METHODS, OCCLUSION, Explainer, SaliencySettings, render_overlay
-from .uploads import ACCEPTED_SUFFIXES, InputError, LoadedImage, read_upload
+from .uploads import ACCEPTED_SUFFIXES, InputError, LoadedImage, read_upload_cached
 
 logger = logging.getLogger(__name__)
 
@@ -163,8 +176,6 @@ def load_classifier(source: str, revision: str | None = None, settings: Saliency
 
 def _as_user_error(action: str) -> Callable:
     """Every exception leaves as a gr.Error with a sentence; unexpected ones are logged with their traceback here."""
-    import gradio as gr
-
     def decorator(function: Callable) -> Callable:
         @functools.wraps(function)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -176,6 +187,8 @@ def _as_user_error(action: str) -> Callable:
                 raise gr.Error(str(error), title="Cannot use this file", print_exception=False) from None
             except ModelUnavailable as error:
                 raise gr.Error(str(error), title="No model", print_exception=False) from None
+            except RateLimited as error:
+                raise gr.Error(str(error), title="Please wait", print_exception=False) from None
             except (MemoryError, torch.OutOfMemoryError):
                 raise gr.Error(f"Out of memory while {action}; try a smaller image.", print_exception=False) from None
             except Exception as error:  # noqa: BLE001 - the user gets a sentence, the log gets the traceback
@@ -207,6 +220,7 @@ class CxrDemo:
         self.classifier = classifier
         self.status = status
         self.home = app_home(home)
+        self.slow_maps = LowPriorityWorker()  # Integrated Gradients and Occlusion ($CNN_LSTM_SLOW_MAP_NICE)
 
     @property
     def examples_dir(self) -> Path:
@@ -231,7 +245,7 @@ class CxrDemo:
 
     def _prepare(self, file: Any) -> tuple[LoadedClassifier, LoadedImage, torch.Tensor]:
         classifier = self._require()
-        image = read_upload(_file_path(file))
+        image = read_upload_cached(_file_path(file))
         pixel_values = classifier.processor(image.model_input(), return_tensors="pt")["pixel_values"]
         return classifier, image, pixel_values
 
@@ -240,8 +254,6 @@ class CxrDemo:
 
     def predict(self, file: Any) -> tuple[dict[str, float], str]:
         """Upload -> ({label: probability}, a Markdown summary with the warnings and the caveat)."""
-        import gradio as gr
-
         classifier, image, pixel_values = self._prepare(file)
         probabilities = self._probabilities(classifier, pixel_values)
         scores = {label: float(p) for label, p in zip(classifier.labels, probabilities.tolist(), strict=True)}
@@ -279,7 +291,11 @@ class CxrDemo:
         else:
             raise InputError(f"Unknown class {target!r}; choose one of: {', '.join(classifier.labels)}.")
         report = None if progress is None else (lambda fraction, label: progress(fraction, desc=label))
-        saliency, index = classifier.explainer.attribute(pixel_values, method, index, classifier.black, report)
+        arguments = (pixel_values, method, index, classifier.black, report)
+        if method == GRAD_CAM:
+            saliency, index = classifier.explainer.attribute(*arguments)
+        else:  # 5-15 s of both cores: at a lower priority, so predictions beside it stay fast
+            saliency, index = self.slow_maps.run(classifier.explainer.attribute, *arguments)
         overlay = render_overlay(image.display_uint8(), saliency, classifier.processor.resize_mode)
         label = classifier.labels[index]
         if saliency is None:
@@ -301,30 +317,60 @@ class CxrDemo:
         return overlay, note + " A saliency map shows what the model used, not where disease is."
 
 
-def build_demo(
-    model: str | None = None, revision: str | None = None, app: CxrDemo | None = None, home: str | Path | None = None
-):
-    """The Blocks UI around a `CxrDemo` (loaded from `model`/env/the default under `home` unless one is given)."""
-    import gradio as gr
+def upload_note(delete_cache: tuple[int, int], fair_use: FairUse) -> str:
+    """What the page says beside the upload box: de-identify first, how long files stay, the fair-use limits."""
+    note = (
+        "**Remove patient identifiers before uploading** (names, IDs, dates: in DICOM headers and burned into the "
+        "image). Uploaded files and saliency images are deleted from the server within "
+        f"{retention_text(delete_cache)}; DICOM patient tags are never shown."
+    )
+    slow = fair_use.limits.get(SLOW_MAP)
+    if fair_use.enabled and slow is not None:
+        window = "minute" if slow.window_s == 60 else f"{slow.window_s / 60:g} minutes"
+        note += f" Fair use: at most {slow.count} Integrated Gradients or Occlusion maps per {window} per user"
+        note += ", one at a time." if slow.in_flight == 1 else "."
+    return note
 
+
+def build_demo(
+    model: str | None = None,
+    revision: str | None = None,
+    app: CxrDemo | None = None,
+    home: str | Path | None = None,
+    delete_cache: tuple[int, int] | None = None,
+    fair_use: FairUse | None = None,
+):
+    """The Blocks UI around a `CxrDemo` (loaded from `model`/env/the default under `home` unless one is given).
+
+    `delete_cache`: (frequency, age) in seconds, default $CNN_LSTM_DELETE_CACHE or every 5 min, older than 10 min
+    (cxr_app/retention.py). `fair_use`: the per-client limits, default `FairUse.from_env()` (cxr_app/limits.py).
+    """
     app = app or CxrDemo.from_source(model, revision, home)
     labels = app.classifier.labels if app.classifier else ["COVID-19", "Normal", "Pneumonia"]
+    delete_cache = delete_cache_setting(delete_cache)
+    fair_use = fair_use or FairUse.from_env()
+    limiter = fair_use.limiter()
 
     @_as_user_error("reading the image and predicting")
-    def predict(file: str) -> tuple[dict[str, float], str]:
-        return app.predict(file)
+    def predict(file: str, request: gr.Request) -> tuple[dict[str, float], str]:
+        with limiter.slot(fair_use.key(request), PREDICT):
+            return app.predict(file)
 
     @_as_user_error("computing the saliency map")
-    def explain(file: str, method: str, target: str, progress=gr.Progress()) -> tuple[Image.Image, str]:  # noqa: B008
-        return app.explain(file, method, target, progress)
+    def explain(
+        file: str, method: str, target: str, request: gr.Request, progress=gr.Progress()  # noqa: B008
+    ) -> tuple[Image.Image, str]:
+        kind = GRAD_CAM_MAP if method in (None, "", GRAD_CAM) else SLOW_MAP
+        with limiter.slot(fair_use.key(request), kind):
+            return app.explain(file, method, target, progress)
 
-    def predict_ui(file: str | None):
-        return (None, "") if file is None else predict(file)
+    def predict_ui(file: str | None, request: gr.Request):
+        return (None, "") if file is None else predict(file, request)
 
-    def explain_ui(file: str | None, method: str, target: str, progress=gr.Progress()):  # noqa: B008
-        return (None, "") if file is None else explain(file, method, target, progress)
+    def explain_ui(file: str | None, method: str, target: str, request: gr.Request, progress=gr.Progress()):  # noqa: B008
+        return (None, "") if file is None else explain(file, method, target, request, progress)
 
-    with gr.Blocks(title="CNN-LSTM chest X-ray classifier (research demo)") as demo:
+    with gr.Blocks(title="CNN-LSTM chest X-ray classifier (research demo)", delete_cache=delete_cache) as demo:
         gr.Markdown("# CNN-LSTM chest X-ray classifier: COVID-19 / Normal / Pneumonia")
         gr.Markdown(f"> ⚠️ {DISCLAIMER}", elem_id="disclaimer")
         gr.Markdown(app.status, elem_id="model-status")
@@ -332,6 +378,7 @@ def build_demo(
             with gr.Column(scale=1):
                 file = gr.File(label="Frontal chest X-ray: PNG, JPEG, BMP, TIFF or DICOM",
                                file_types=list(ACCEPTED_SUFFIXES), type="filepath", elem_id="xray-file")
+                gr.Markdown(upload_note(delete_cache, fair_use), elem_id="upload-note")
                 method = gr.Radio(list(METHODS), value=GRAD_CAM, label="Saliency method",
                                   info="Grad-CAM: fast, coarse. Integrated Gradients and Occlusion: finer, ~10 s.")
                 target = gr.Dropdown([PREDICTED, *labels], value=PREDICTED, label="Explain the score of")
@@ -351,8 +398,11 @@ def build_demo(
             "coronavirus (COVID-19) using X-ray images*. Inputs are checked for size, format and whether they look "
             "like a frontal chest radiograph; the check is a heuristic and warns rather than refuses."
         )
+        # Separate queues: a prediction never waits behind a saliency map. Two predictions at a time (~0.15 s each).
+        # Maps: three at a time, but the slow ones (5-15 s) run one by one in the low-priority worker, so a Grad-CAM
+        # map (~0.5 s) waits behind them only when three clients ask for slow maps at once (each may have one).
         predict_options = {"concurrency_limit": 2, "concurrency_id": "predict"}
-        explain_options = {"concurrency_limit": 1, "concurrency_id": "explain"}
+        explain_options = {"concurrency_limit": 3, "concurrency_id": "explain"}
         analyse.click(predict, [file], [label, summary], api_name="predict", **predict_options).success(
             explain, [file, method, target], [overlay, note], api_name="explain", **explain_options
         )
@@ -361,15 +411,24 @@ def build_demo(
         )
         gr.on([method.change, target.change], explain_ui, [file, method, target], [overlay, note],
               api_visibility="private", **explain_options)
+    protect_build_time_files(demo)  # the examples' cached copies stay; only what users sent is deleted
     demo.queue(default_concurrency_limit=1, max_size=64)
+    if fair_use.enabled:
+        limit_waiting_per_client(demo, lambda request, session: fair_use.key(request), fair_use.max_waiting)
     demo.cxr_app = app  # for tests and scripts
+    demo.fair_use, demo.limiter = fair_use, limiter
     return demo
 
 
 def launch(demo: Any, port: int | None = None, host: str | None = None, **kwargs: Any) -> Any:
-    """Launch with the app's settings: no SSR, upload size limit, examples folder allowed."""
+    """Launch with the app's settings: no SSR, upload size limit, examples folder allowed, and the sweep of
+    abandoned partial uploads on the `delete_cache` schedule (cxr_app/retention.py)."""
+    from .retention import lifespan
     from .uploads import MAX_FILE_BYTES
 
+    app_kwargs = dict(kwargs.pop("app_kwargs", None) or {})
+    if demo.delete_cache and "lifespan" not in app_kwargs:
+        app_kwargs["lifespan"] = lifespan(lambda: demo.GRADIO_CACHE, demo.delete_cache)
     return demo.launch(
         server_name=host or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
         server_port=port,
@@ -377,6 +436,7 @@ def launch(demo: Any, port: int | None = None, host: str | None = None, **kwargs
         max_file_size=MAX_FILE_BYTES,
         allowed_paths=[str(demo.cxr_app.examples_dir)],
         footer_links=["api"],
+        app_kwargs=app_kwargs,
         **kwargs,
     )
 

@@ -1,22 +1,36 @@
-"""Latency of the app's functions on real X-rays, and 8 concurrent API users against a launched server.
+"""Latency of the app's functions on real X-rays, 8 concurrent API users against a launched server, and fairness.
 
     python scripts/benchmark_app.py                                   # paper-size model (checkpoint or random init)
     python scripts/benchmark_app.py --model checkpoints/cnn-lstm-cxr3 --threads 2 --slow_repeats 10
+    python scripts/benchmark_app.py --fairness                        # 4 users predicting, 2 looping on IG, 60 s
 
 Times exactly what the UI calls (`CxrDemo.predict`, `CxrDemo.explain` at the default settings), each on a different
 real X-ray, after one warm-up call: predict, predict + Grad-CAM, predict + Integrated Gradients, predict + Occlusion;
 p50/p95 per torch thread count. Then launches the app on 127.0.0.1 and lets `users` gradio_client users upload
 concurrently (predict then Grad-CAM, like the UI), counting errors. Targets (2-core CPU): predict <= 0.5 s,
 predict + Grad-CAM <= 1.5 s, IG and Occlusion <= 15 s, no errors with 8 users.
+
+`--fairness` instead runs `python app.py` (the shipped checkpoint by default) in its own process with its default
+per-client limits, as behind the Spaces proxy (`CNN_LSTM_PROXY_HOPS=1`, each client its own X-Forwarded-For
+address): `--normal_clients` users loop on /predict over the example X-rays (pausing `--think_s` between calls)
+while `--heavy_clients` loop on /explain with Integrated Gradients without pause, for `--duration_s` seconds after
+a `--baseline_s` phase with the normal users alone. Prints /predict p50/p95 per phase, the normal users' errors
+(goal: p95 <= 2 s, none) and how many IG maps were served and how many refused by the rate limit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,10 +39,12 @@ import torch
 from transformers import HfArgumentParser
 
 from cxr_app.demo import CxrDemo, build_demo, default_checkpoint, launch
+from cxr_app.limits import FairUse
 from cxr_app.saliency import GRAD_CAM, INTEGRATED_GRADIENTS, OCCLUSION
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "cxr3"
+EXAMPLES_DIR = REPO_ROOT / "examples"
 TARGETS = {"predict": 0.5, f"predict + {GRAD_CAM}": 1.5, f"predict + {INTEGRATED_GRADIENTS}": 15.0,
            f"predict + {OCCLUSION}": 15.0}
 
@@ -45,6 +61,19 @@ class BenchmarkAppArguments:
     requests_per_user: int = field(default=2, metadata={"help": "Uploads per user (each: predict, then Grad-CAM)."})
     seed: int = field(default=0, metadata={"help": "Seed of the random weights when there is no checkpoint."})
     output_json: str | None = field(default=None, metadata={"help": "Also write the results here."})
+    fairness: bool = field(default=False, metadata={"help": "Run the fairness check instead (see above)."})
+    normal_clients: int = field(default=4, metadata={"help": "Fairness: users looping on /predict."})
+    heavy_clients: int = field(default=2, metadata={"help": "Fairness: clients looping on /explain with IG."})
+    duration_s: float = field(default=60.0, metadata={"help": "Fairness: seconds under the /explain load."})
+    baseline_s: float = field(default=20.0, metadata={"help": "Fairness: seconds of normal users alone first."})
+    think_s: float = field(default=1.0, metadata={"help": "Fairness: a normal user's pause between predictions."})
+    gradcam_every: int = field(
+        default=0, metadata={"help": "Fairness: a normal user also asks for Grad-CAM after every N-th prediction."}
+    )
+    rate_limits: bool = field(default=True, metadata={"help": "Fairness: keep the app's per-client limits on."})
+    server_env: list[str] = field(
+        default_factory=list, metadata={"help": "Fairness: extra NAME=VALUE settings for the app's process."}
+    )
 
 
 def real_xrays(data_dir: str, count: int) -> list[Path]:
@@ -103,7 +132,7 @@ def check_concurrent_users(app: CxrDemo, images: list[Path], users: int, request
     """`users` threads, each its own gradio_client, uploading `requests` X-rays (predict, then Grad-CAM)."""
     from gradio_client import Client, handle_file
 
-    demo = build_demo(app=app)
+    demo = build_demo(app=app, fair_use=FairUse(proxy_hops=1))  # each user its own address, as behind a proxy
     port = _free_port()
     launch(demo, port=port, prevent_thread_lock=True, quiet=True)
     url = f"http://127.0.0.1:{port}"
@@ -111,7 +140,7 @@ def check_concurrent_users(app: CxrDemo, images: list[Path], users: int, request
 
     def user(index: int) -> None:
         try:
-            client = Client(url, verbose=False)
+            client = Client(url, verbose=False, headers=user_headers(index))
         except Exception as error:  # noqa: BLE001 - counted, reported
             with lock:
                 errors.append(f"user {index} connect: {error}")
@@ -143,8 +172,187 @@ def check_concurrent_users(app: CxrDemo, images: list[Path], users: int, request
             "p95_s": float(np.percentile(latencies, 95)) if latencies else None}
 
 
+def user_headers(index: int) -> dict[str, str]:
+    """What the Spaces proxy adds: the user's own address (here 10.0.0.x) in X-Forwarded-For."""
+    return {"X-Forwarded-For": f"10.0.{index // 250}.{index % 250 + 1}"}
+
+
+def percentiles(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return float(np.percentile(values, 50)), float(np.percentile(values, 95))
+
+
+@contextlib.contextmanager
+def app_process(model: str, env: dict[str, str], folder: Path, timeout: float = 300) -> Iterator[str]:
+    """`python app.py --model MODEL` on a free port in its own process (as deployed); yields its URL."""
+    port = _free_port()
+    log_path = folder / "server.log"
+    environment = {**os.environ, "GRADIO_TEMP_DIR": str(folder / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False",
+                   "PYTHONUNBUFFERED": "1", **env}
+    with log_path.open("w") as log:
+        process = subprocess.Popen([sys.executable, str(REPO_ROOT / "app.py"), "--model", model, "--port", str(port)],
+                                   cwd=REPO_ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the app did not start:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url + "/config", timeout=5):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def check_fairness(url: str, images: list[Path], args: BenchmarkAppArguments) -> dict:
+    """Normal users predicting (alone, then beside heavy clients looping on IG); latencies, errors, refusals."""
+    from gradio_client import Client, handle_file
+
+    lock, stop_heavy, stop_all = threading.Lock(), threading.Event(), threading.Event()
+    phase = {"name": "baseline"}
+    predict_times: dict[str, list[float]] = {"baseline": [], "under load": []}
+    gradcam_times: dict[str, list[float]] = {"baseline": [], "under load": []}
+    normal_errors: list[str] = []
+    heavy = {"served": 0, "rate_limited": 0, "refused_in_queue": 0, "other_errors": [], "seconds": []}
+
+    def normal(index: int) -> None:
+        client = Client(url, verbose=False, headers=user_headers(index))
+        request = 0
+        while not stop_all.is_set():
+            path = images[(index + request) % len(images)]
+            request += 1
+            name, start = phase["name"], time.perf_counter()
+            try:
+                label, _ = client.predict(handle_file(str(path)), api_name="/predict")
+                assert label["label"]
+            except Exception as error:  # noqa: BLE001 - counted, reported
+                with lock:
+                    normal_errors.append(f"user {index}: {type(error).__name__}: {error}")
+            else:
+                with lock:
+                    predict_times[name].append(time.perf_counter() - start)
+            if args.gradcam_every and request % args.gradcam_every == 0 and not stop_all.is_set():
+                start = time.perf_counter()
+                try:
+                    client.predict(handle_file(str(path)), GRAD_CAM, "Predicted class", api_name="/explain")
+                except Exception as error:  # noqa: BLE001 - counted, reported
+                    with lock:
+                        normal_errors.append(f"user {index} Grad-CAM: {type(error).__name__}: {error}")
+                else:
+                    with lock:
+                        gradcam_times[name].append(time.perf_counter() - start)
+            stop_all.wait(args.think_s)
+
+    def looping(index: int) -> None:
+        from gradio_client.exceptions import AppError
+
+        client = Client(url, verbose=False, headers=user_headers(100 + index))
+        path = images[index % len(images)]
+        while not stop_heavy.is_set():
+            start = time.perf_counter()
+            try:
+                client.predict(handle_file(str(path)), INTEGRATED_GRADIENTS, "Predicted class", api_name="/explain")
+            except AppError as error:
+                with lock:
+                    if "Try again" in str(error) or "at a time" in str(error):
+                        heavy["rate_limited"] += 1
+                    else:
+                        heavy["other_errors"].append(str(error)[:200])
+                stop_heavy.wait(0.2)  # a refusal is cheap; a hostile script would not wait long either
+            except Exception as error:  # noqa: BLE001 - queue refusals and the rest, counted
+                with lock:
+                    key = "refused_in_queue" if "Queue is full" in str(error) else None
+                    if key:
+                        heavy[key] += 1
+                    else:
+                        heavy["other_errors"].append(f"{type(error).__name__}: {str(error)[:200]}")
+                stop_heavy.wait(0.2)
+            else:
+                with lock:
+                    heavy["served"] += 1
+                    heavy["seconds"].append(time.perf_counter() - start)
+
+    normals = [threading.Thread(target=normal, args=(index,)) for index in range(args.normal_clients)]
+    heavies = [threading.Thread(target=looping, args=(index,)) for index in range(args.heavy_clients)]
+    for thread in normals:
+        thread.start()
+    time.sleep(args.baseline_s)
+    phase["name"] = "under load"
+    for thread in heavies:
+        thread.start()
+    time.sleep(args.duration_s)
+    stop_heavy.set()
+    stop_all.set()
+    for thread in normals + heavies:
+        thread.join()
+    phases, gradcam = {}, {}
+    for rows, measured in ((phases, predict_times), (gradcam, gradcam_times)):
+        for name, times in measured.items():
+            p50, p95 = percentiles(times)
+            rows[name] = {"n": len(times), "p50_s": p50, "p95_s": p95, "max_s": max(times) if times else None}
+    under = phases["under load"]
+    return {
+        "normal_clients": args.normal_clients,
+        "heavy_clients": args.heavy_clients,
+        "duration_s": args.duration_s,
+        "baseline_s": args.baseline_s,
+        "think_s": args.think_s,
+        "rate_limits": args.rate_limits,
+        "predict": phases,
+        "gradcam": gradcam if args.gradcam_every else None,
+        "normal_errors": normal_errors,
+        "heavy": {**heavy, "seconds": [round(value, 2) for value in heavy["seconds"]]},
+        "meets_goal": under["p95_s"] is not None and under["p95_s"] <= 2.0 and not normal_errors,
+    }
+
+
+def run_fairness(args: BenchmarkAppArguments) -> dict:
+    model = args.model or str(default_checkpoint(REPO_ROOT))
+    if not Path(model).is_dir() and "/" not in model:
+        raise SystemExit(f"no checkpoint at {model}; pass --model")
+    images = sorted(path for path in EXAMPLES_DIR.glob("*.jpg"))
+    env = {"CNN_LSTM_PROXY_HOPS": "1", "CNN_LSTM_RATE_LIMITS": "on" if args.rate_limits else "off"}
+    env.update(dict(setting.split("=", 1) for setting in args.server_env))
+    print(f"model: {model}; {len(images)} example X-rays; server settings {env}")
+    print(f"{args.normal_clients} users on /predict (pause {args.think_s:g} s), {args.baseline_s:g} s alone, then "
+          f"{args.duration_s:g} s beside {args.heavy_clients} clients looping on /explain ({INTEGRATED_GRADIENTS})")
+    with tempfile.TemporaryDirectory(prefix="benchmark-fairness-") as tmp, app_process(model, env, Path(tmp)) as url:
+        result = check_fairness(url, images, args)
+    result.update(model=model, server_env=env, cpu_count=os.cpu_count())
+    print("\n| phase | call | n | p50 (s) | p95 (s) | max (s) |")
+    print("|---|---|---|---|---|---|")
+    for call, rows in (("/predict", result["predict"]), (f"/explain {GRAD_CAM}", result["gradcam"] or {})):
+        for name, row in rows.items():
+            cells = [f"{row[key]:.2f}" if row[key] is not None else "-" for key in ("p50_s", "p95_s", "max_s")]
+            print(f"| {name} | {call} | {row['n']} | {' | '.join(cells)} |")
+    heavy = result["heavy"]
+    print(f"\nnormal users' errors: {len(result['normal_errors'])}; IG maps served: {heavy['served']} "
+          f"(each {', '.join(f'{s:.1f}' for s in heavy['seconds'])} s), refused by the rate limit: "
+          f"{heavy['rate_limited']}, refused at the queue: {heavy['refused_in_queue']}, "
+          f"other errors: {len(heavy['other_errors'])}")
+    for error in (result["normal_errors"] + heavy["other_errors"])[:5]:
+        print("  error:", error)
+    print(f"goal (/predict p95 <= 2 s under load, no errors for normal users): "
+          f"{'met' if result['meets_goal'] else 'MISSED'}")
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(result, indent=2))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(BenchmarkAppArguments).parse_args_into_dataclasses(args=argv)
+    if args.fairness:
+        return run_fairness(args)
     warnings.filterwarnings("ignore", category=UserWarning)  # gr.Warning outside a request: low-confidence notes
     import gradio  # noqa: F401 - imported before timing: predict uses it for warnings
 
@@ -194,4 +402,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

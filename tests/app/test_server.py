@@ -126,3 +126,107 @@ def test_no_model_state(tmp_path, monkeypatch, example_xrays, free_port):
             assert "train/run.py" in str(caught.value) and "--model" in str(caught.value)
     finally:
         demo.close()
+
+
+def test_page_tells_users_to_deidentify_and_how_long_files_stay(tiny_app_url):
+    import urllib.request
+
+    with urllib.request.urlopen(tiny_app_url + "/config", timeout=30) as response:
+        config = response.read().decode()
+    assert "Remove patient identifiers before uploading" in config
+    assert "deleted from the server within 15 minutes" in config  # the default: every 5 min, older than 10 min
+    assert "at most 3 Integrated Gradients or Occlusion maps per 2 minutes per user, one at a time" in config
+
+
+def abandon_upload(url: str, name: str, sent: bytes) -> None:
+    """Start an upload of a 10 MB file, send `sent`, and hang up: gradio keeps the partial file."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    address = urlsplit(url)
+    head = f'--XX\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n\r\n'.encode()
+    with socket.create_connection((address.hostname, address.port)) as sock:
+        request = (b"POST /gradio_api/upload HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; "
+                   b"boundary=XX\r\nContent-Length: 10000000\r\n\r\n")
+        sock.sendall(request + head + sent)
+        time.sleep(0.5)
+
+
+def test_uploads_results_and_abandoned_uploads_are_deleted(app_server, make_checkpoint, tmp_path, monkeypatch,
+                                                           files, example_xrays):
+    """With a 1 s sweep of files older than 2 s: a DICOM upload (its patient name in the file name), the overlay made
+    from it and a half-sent upload are gone within seconds; the examples' cached copies stay and still work."""
+    import time
+
+    from gradio_client import Client, handle_file
+
+    monkeypatch.setenv("CNN_LSTM_DELETE_CACHE", "1,2")
+    home = tmp_path / "app"
+    home.mkdir()
+    make_checkpoint(home / "checkpoint")
+    dicom = files.xray_as_dicom(example_xrays["normal"][0], "Doe_Jane_SECRET-123.dcm")
+    with app_server(home / "checkpoint", home) as url:
+        cache = home / "gradio"
+        examples = sorted(path for path in cache.rglob("*.jpg") if path.is_file())
+        assert len(examples) == 6  # copied into the cache when the page was built
+        client = Client(url, verbose=False)
+        assert predict(client, dicom)[0]["label"] in LABELS
+        client.predict(handle_file(str(dicom)), "Grad-CAM", "Predicted class", api_name="/explain")
+        abandon_upload(url, "Doe_Jane_partial.dcm", dicom.read_bytes()[:200_000])
+        sent = [path for path in cache.rglob("*") if path.is_file() and path not in examples]
+        assert any(path.name == "Doe_Jane_SECRET-123.dcm" for path in sent), sent  # the upload, under its name
+        assert any(path.suffix == ".png" for path in sent), sent  # the overlay
+        assert any(path.parent == cache and path.name.startswith("tmp") for path in sent), sent  # the partial one
+        deadline = time.monotonic() + 30
+        while [path for path in sent if path.exists()] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert [path for path in sent if path.exists()] == []
+        assert "Doe" not in " ".join(str(path) for path in cache.rglob("*"))
+        assert all(path.is_file() for path in examples)
+        example = next(path for path in examples if path.name == example_xrays["pneumonia"][0].name)
+        assert predict(client, example)[0]["label"] in LABELS  # an example's cached copy is still served
+
+
+def test_per_client_limits_through_the_api(make_checkpoint, tmp_path, free_port, example_xrays):
+    """Two slow maps per minute per client, told when to retry; another client, predictions and Grad-CAM unaffected;
+    behind a proxy the client is the address it appended to X-Forwarded-For."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    from cxr_app import demo as demo_module
+    from cxr_app.limits import GRAD_CAM_MAP, PREDICT, SLOW_MAP, FairUse, Limit
+
+    make_checkpoint(tmp_path / "checkpoint")
+    limits = {PREDICT: Limit(100, 60.0), GRAD_CAM_MAP: Limit(100, 60.0),
+              SLOW_MAP: Limit(2, 60.0, in_flight=1, what="Integrated Gradients or Occlusion maps")}
+    demo = demo_module.build_demo(str(tmp_path / "checkpoint"), fair_use=FairUse(limits=limits, proxy_hops=1))
+    port = free_port()
+    demo_module.launch(demo, port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        xray = handle_file(str(example_xrays["normal"][0]))
+        first = Client(url, verbose=False, headers={"X-Forwarded-For": "6.6.6.6, 10.0.0.1"})
+        forged = Client(url, verbose=False, headers={"X-Forwarded-For": "7.7.7.7, 10.0.0.1"})  # same client
+        second = Client(url, verbose=False, headers={"X-Forwarded-For": "10.0.0.2"})
+        for method in ("Integrated Gradients", "Occlusion"):
+            first.predict(xray, method, "Predicted class", api_name="/explain")
+        with pytest.raises(AppError, match=r"at most 2 per minute per user\. Try again in \d+ s"):
+            forged.predict(xray, "Occlusion", "Predicted class", api_name="/explain")
+        first.predict(xray, "Grad-CAM", "Predicted class", api_name="/explain")  # its own, looser limit
+        assert first.predict(xray, api_name="/predict")[0]["label"] in LABELS
+        second.predict(xray, "Integrated Gradients", "Predicted class", api_name="/explain")
+    finally:
+        demo.close()
+
+
+def test_uploads_over_the_size_limit_are_refused(tiny_app_url, client, example_xrays):
+    """gradio's upload route stops reading at the app's limit (64 MB): 413, and the server keeps serving."""
+    import httpx
+
+    from cxr_app.uploads import MAX_FILE_BYTES
+
+    payload = {"files": ("big.dcm", b"\0" * (MAX_FILE_BYTES + 1), "application/octet-stream")}
+    response = httpx.post(tiny_app_url + "/gradio_api/upload", files=payload, timeout=120)
+    assert response.status_code == 413 and "maximum allowed size" in response.text
+    assert_serving(client, example_xrays["normal"][0])
