@@ -214,106 +214,120 @@ def app_process(model: str, env: dict[str, str], folder: Path, timeout: float = 
             process.wait()
 
 
-def check_fairness(url: str, images: list[Path], args: BenchmarkAppArguments) -> dict:
+class FairnessCheck:
     """Normal users predicting (alone, then beside heavy clients looping on IG); latencies, errors, refusals."""
-    from gradio_client import Client, handle_file
 
-    lock, stop_heavy, stop_all = threading.Lock(), threading.Event(), threading.Event()
-    phase = {"name": "baseline"}
-    predict_times: dict[str, list[float]] = {"baseline": [], "under load": []}
-    gradcam_times: dict[str, list[float]] = {"baseline": [], "under load": []}
-    normal_errors: list[str] = []
-    heavy = {"served": 0, "rate_limited": 0, "refused_in_queue": 0, "other_errors": [], "seconds": []}
+    def __init__(self, url: str, images: list[Path], args: BenchmarkAppArguments) -> None:
+        self.url, self.images, self.args = url, images, args
+        self.lock, self.stop_heavy, self.stop_all = threading.Lock(), threading.Event(), threading.Event()
+        self.phase = "baseline"
+        self.predict_times: dict[str, list[float]] = {"baseline": [], "under load": []}
+        self.gradcam_times: dict[str, list[float]] = {"baseline": [], "under load": []}
+        self.normal_errors: list[str] = []
+        self.heavy = {"served": 0, "rate_limited": 0, "refused_in_queue": 0, "other_errors": [], "seconds": []}
 
-    def normal(index: int) -> None:
-        client = Client(url, verbose=False, headers=user_headers(index))
+    def _timed(self, call, times: dict[str, list[float]], label: str) -> None:
+        """Run one request; its latency goes to the current phase, a failure to the normal users' errors."""
+        name, start = self.phase, time.perf_counter()
+        try:
+            call()
+        except Exception as error:  # noqa: BLE001 - counted, reported
+            with self.lock:
+                self.normal_errors.append(f"{label}: {type(error).__name__}: {error}")
+        else:
+            with self.lock:
+                times[name].append(time.perf_counter() - start)
+
+    def normal_client(self, index: int) -> None:
+        from gradio_client import Client, handle_file
+
+        client = Client(self.url, verbose=False, headers=user_headers(index))
         request = 0
-        while not stop_all.is_set():
-            path = images[(index + request) % len(images)]
+        while not self.stop_all.is_set():
+            path = handle_file(str(self.images[(index + request) % len(self.images)]))
             request += 1
-            name, start = phase["name"], time.perf_counter()
-            try:
-                label, _ = client.predict(handle_file(str(path)), api_name="/predict")
-                assert label["label"]
-            except Exception as error:  # noqa: BLE001 - counted, reported
-                with lock:
-                    normal_errors.append(f"user {index}: {type(error).__name__}: {error}")
-            else:
-                with lock:
-                    predict_times[name].append(time.perf_counter() - start)
-            if args.gradcam_every and request % args.gradcam_every == 0 and not stop_all.is_set():
-                start = time.perf_counter()
-                try:
-                    client.predict(handle_file(str(path)), GRAD_CAM, "Predicted class", api_name="/explain")
-                except Exception as error:  # noqa: BLE001 - counted, reported
-                    with lock:
-                        normal_errors.append(f"user {index} Grad-CAM: {type(error).__name__}: {error}")
-                else:
-                    with lock:
-                        gradcam_times[name].append(time.perf_counter() - start)
-            stop_all.wait(args.think_s)
 
-    def looping(index: int) -> None:
+            def predict(path=path) -> None:
+                label, _ = client.predict(path, api_name="/predict")
+                assert label["label"]
+
+            self._timed(predict, self.predict_times, f"user {index}")
+            if self.args.gradcam_every and request % self.args.gradcam_every == 0 and not self.stop_all.is_set():
+                self._timed(lambda path=path: client.predict(path, GRAD_CAM, "Predicted class", api_name="/explain"),
+                            self.gradcam_times, f"user {index} Grad-CAM")
+            self.stop_all.wait(self.args.think_s)
+
+    def _count_heavy_failure(self, error: Exception) -> None:
         from gradio_client.exceptions import AppError
 
-        client = Client(url, verbose=False, headers=user_headers(100 + index))
-        path = images[index % len(images)]
-        while not stop_heavy.is_set():
+        text = str(error)
+        with self.lock:
+            if isinstance(error, AppError) and ("Try again" in text or "at a time" in text):
+                self.heavy["rate_limited"] += 1
+            elif not isinstance(error, AppError) and "Queue is full" in text:
+                self.heavy["refused_in_queue"] += 1
+            else:
+                prefix = "" if isinstance(error, AppError) else f"{type(error).__name__}: "
+                self.heavy["other_errors"].append(prefix + text[:200])
+
+    def heavy_client(self, index: int) -> None:
+        from gradio_client import Client, handle_file
+
+        client = Client(self.url, verbose=False, headers=user_headers(100 + index))
+        path = handle_file(str(self.images[index % len(self.images)]))
+        while not self.stop_heavy.is_set():
             start = time.perf_counter()
             try:
-                client.predict(handle_file(str(path)), INTEGRATED_GRADIENTS, "Predicted class", api_name="/explain")
-            except AppError as error:
-                with lock:
-                    if "Try again" in str(error) or "at a time" in str(error):
-                        heavy["rate_limited"] += 1
-                    else:
-                        heavy["other_errors"].append(str(error)[:200])
-                stop_heavy.wait(0.2)  # a refusal is cheap; a hostile script would not wait long either
-            except Exception as error:  # noqa: BLE001 - queue refusals and the rest, counted
-                with lock:
-                    key = "refused_in_queue" if "Queue is full" in str(error) else None
-                    if key:
-                        heavy[key] += 1
-                    else:
-                        heavy["other_errors"].append(f"{type(error).__name__}: {str(error)[:200]}")
-                stop_heavy.wait(0.2)
+                client.predict(path, INTEGRATED_GRADIENTS, "Predicted class", api_name="/explain")
+            except Exception as error:  # noqa: BLE001 - rate limits, queue refusals and the rest, counted
+                self._count_heavy_failure(error)
+                self.stop_heavy.wait(0.2)  # a refusal is cheap; a hostile script would not wait long either
             else:
-                with lock:
-                    heavy["served"] += 1
-                    heavy["seconds"].append(time.perf_counter() - start)
+                with self.lock:
+                    self.heavy["served"] += 1
+                    self.heavy["seconds"].append(time.perf_counter() - start)
 
-    normals = [threading.Thread(target=normal, args=(index,)) for index in range(args.normal_clients)]
-    heavies = [threading.Thread(target=looping, args=(index,)) for index in range(args.heavy_clients)]
-    for thread in normals:
-        thread.start()
-    time.sleep(args.baseline_s)
-    phase["name"] = "under load"
-    for thread in heavies:
-        thread.start()
-    time.sleep(args.duration_s)
-    stop_heavy.set()
-    stop_all.set()
-    for thread in normals + heavies:
-        thread.join()
-    phases, gradcam = {}, {}
-    for rows, measured in ((phases, predict_times), (gradcam, gradcam_times)):
-        for name, times in measured.items():
-            p50, p95 = percentiles(times)
-            rows[name] = {"n": len(times), "p50_s": p50, "p95_s": p95, "max_s": max(times) if times else None}
-    under = phases["under load"]
-    return {
-        "normal_clients": args.normal_clients,
-        "heavy_clients": args.heavy_clients,
-        "duration_s": args.duration_s,
-        "baseline_s": args.baseline_s,
-        "think_s": args.think_s,
-        "rate_limits": args.rate_limits,
-        "predict": phases,
-        "gradcam": gradcam if args.gradcam_every else None,
-        "normal_errors": normal_errors,
-        "heavy": {**heavy, "seconds": [round(value, 2) for value in heavy["seconds"]]},
-        "meets_goal": under["p95_s"] is not None and under["p95_s"] <= 2.0 and not normal_errors,
-    }
+    def run(self) -> dict:
+        normals = [threading.Thread(target=self.normal_client, args=(i,)) for i in range(self.args.normal_clients)]
+        heavies = [threading.Thread(target=self.heavy_client, args=(i,)) for i in range(self.args.heavy_clients)]
+        for thread in normals:
+            thread.start()
+        time.sleep(self.args.baseline_s)
+        self.phase = "under load"
+        for thread in heavies:
+            thread.start()
+        time.sleep(self.args.duration_s)
+        self.stop_heavy.set()
+        self.stop_all.set()
+        for thread in normals + heavies:
+            thread.join()
+        return self.summary()
+
+    def summary(self) -> dict:
+        args = self.args
+        phases, gradcam = {}, {}
+        for rows, measured in ((phases, self.predict_times), (gradcam, self.gradcam_times)):
+            for name, times in measured.items():
+                p50, p95 = percentiles(times)
+                rows[name] = {"n": len(times), "p50_s": p50, "p95_s": p95, "max_s": max(times) if times else None}
+        under = phases["under load"]
+        return {
+            "normal_clients": args.normal_clients,
+            "heavy_clients": args.heavy_clients,
+            "duration_s": args.duration_s,
+            "baseline_s": args.baseline_s,
+            "think_s": args.think_s,
+            "rate_limits": args.rate_limits,
+            "predict": phases,
+            "gradcam": gradcam if args.gradcam_every else None,
+            "normal_errors": self.normal_errors,
+            "heavy": {**self.heavy, "seconds": [round(value, 2) for value in self.heavy["seconds"]]},
+            "meets_goal": under["p95_s"] is not None and under["p95_s"] <= 2.0 and not self.normal_errors,
+        }
+
+
+def check_fairness(url: str, images: list[Path], args: BenchmarkAppArguments) -> dict:
+    return FairnessCheck(url, images, args).run()
 
 
 def run_fairness(args: BenchmarkAppArguments) -> dict:

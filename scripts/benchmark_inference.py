@@ -140,6 +140,60 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
+def measure(names: list[str], model, pixels: torch.Tensor, threads: int, repeats: int) -> tuple[list, list]:
+    """Time every path at one thread count against eager fp32 (the first name); rows and the auto choices."""
+    torch.set_num_threads(threads)
+    rows, autos, reference, baseline = [], [], None, 0.0
+    for name in names:
+        start = time.perf_counter()
+        run, note, runner = build_path(name, model)
+        build_s = time.perf_counter() - start
+        seconds = time_path(run, pixels, repeats)
+        p50 = statistics.median(seconds)
+        probabilities = run(pixels).softmax(-1)
+        if name == "eager_fp32":
+            baseline, reference = p50, probabilities
+        rows.append(
+            {
+                "path": name,
+                "threads": threads,
+                "build_s": build_s,
+                "p50_s": p50,
+                "p95_s": percentile(seconds, 0.95),
+                "speedup_vs_eager": baseline / p50,
+                "top1_agreement": int((probabilities.argmax(-1) == reference.argmax(-1)).sum()),
+                "max_probability_difference": float((probabilities - reference).abs().max()),
+                "note": note,
+            }
+        )
+        if name == "runner_auto":
+            autos.append({"threads": threads, "backend": runner.backend, "reason": runner.reason,
+                          "trial_p50_s": runner.timings, "rejected": runner.rejected,
+                          "speedup_vs_eager": baseline / p50})
+        del run, runner  # free copies and sessions before the next path
+    return rows, autos
+
+
+def print_results(rows: list[dict], autos: list[dict], skipped: dict[str, str], num_images: int) -> None:
+    print("\n| path | threads | build (s) | p50 (ms) | p95 (ms) | speed-up vs eager fp32 | same top-1 "
+          "| max prob. diff | note |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['path']} | {row['threads']} | {row['build_s']:.2f} | {1000 * row['p50_s']:.2f} "
+            f"| {1000 * row['p95_s']:.2f} "
+            f"| {row['speedup_vs_eager']:.2f}x | {row['top1_agreement']}/{num_images} "
+            f"| {row['max_probability_difference']:.2e} | {row['note']} |"
+        )
+    for name, why in skipped.items():
+        print(f"| {name} | - | - | - | - | - | - | - | skipped: {why} |")
+    for auto in autos:
+        print(f"\nauto, {auto['threads']} thread(s): chose {auto['backend']} ({auto['speedup_vs_eager']:.2f}x eager "
+              f"fp32's speed in the timed rows above). Why: {auto['reason']}")
+        for name, why in auto["rejected"].items():
+            print(f"  skipped {name}: {why}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses(args=argv)
     unknown = sorted(set(args.paths) - set(PATHS))
@@ -159,54 +213,10 @@ def main(argv: list[str] | None = None) -> dict:
         skipped["autocast_bf16"] = "emulated bf16 (26 s/img, 65x eager, measured for the paper model): --emulated_bf16"
     rows, autos = [], []
     for threads in args.threads:
-        torch.set_num_threads(threads)
-        reference = None
-        baseline = 0.0
-        for name in names:
-            start = time.perf_counter()
-            run, note, runner = build_path(name, model)
-            build_s = time.perf_counter() - start
-            seconds = time_path(run, pixels, args.repeats)
-            p50 = statistics.median(seconds)
-            probabilities = run(pixels).softmax(-1)
-            if name == "eager_fp32":
-                baseline, reference = p50, probabilities
-            rows.append(
-                {
-                    "path": name,
-                    "threads": threads,
-                    "build_s": build_s,
-                    "p50_s": p50,
-                    "p95_s": percentile(seconds, 0.95),
-                    "speedup_vs_eager": baseline / p50,
-                    "top1_agreement": int((probabilities.argmax(-1) == reference.argmax(-1)).sum()),
-                    "max_probability_difference": float((probabilities - reference).abs().max()),
-                    "note": note,
-                }
-            )
-            if name == "runner_auto":
-                autos.append({"threads": threads, "backend": runner.backend, "reason": runner.reason,
-                              "trial_p50_s": runner.timings, "rejected": runner.rejected,
-                              "speedup_vs_eager": baseline / p50})
-            del run, runner  # free copies and sessions before the next path
-
-    print("\n| path | threads | build (s) | p50 (ms) | p95 (ms) | speed-up vs eager fp32 | same top-1 "
-          "| max prob. diff | note |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        print(
-            f"| {row['path']} | {row['threads']} | {row['build_s']:.2f} | {1000 * row['p50_s']:.2f} "
-            f"| {1000 * row['p95_s']:.2f} "
-            f"| {row['speedup_vs_eager']:.2f}x | {row['top1_agreement']}/{args.num_images} "
-            f"| {row['max_probability_difference']:.2e} | {row['note']} |"
-        )
-    for name, why in skipped.items():
-        print(f"| {name} | - | - | - | - | - | - | - | skipped: {why} |")
-    for auto in autos:
-        print(f"\nauto, {auto['threads']} thread(s): chose {auto['backend']} ({auto['speedup_vs_eager']:.2f}x eager "
-              f"fp32's speed in the timed rows above). Why: {auto['reason']}")
-        for name, why in auto["rejected"].items():
-            print(f"  skipped {name}: {why}")
+        thread_rows, thread_autos = measure(names, model, pixels, threads, args.repeats)
+        rows += thread_rows
+        autos += thread_autos
+    print_results(rows, autos, skipped, args.num_images)
     result = {"model": description, "torch": torch.__version__, "num_images": args.num_images, "rows": rows,
               "auto": autos, "skipped": skipped}
     if args.output_json:
