@@ -213,6 +213,20 @@ def _file_path(file: Any) -> str | None:
     return getattr(file, "name", None) or getattr(file, "path", None)
 
 
+@dataclass
+class Prediction:
+    scores: dict[str, float]  # label -> calibrated probability
+    warnings: list[str]  # the guardrails' sentences (not a radiograph? low confidence?)
+    image: LoadedImage
+
+    @property
+    def label(self) -> str:
+        return max(self.scores, key=self.scores.get)
+
+    def astuple(self) -> tuple[dict[str, float], list[str], LoadedImage]:
+        return self.scores, self.warnings, self.image
+
+
 class CxrDemo:
     """The app's state (a classifier or the reason there is none) and the functions the UI calls."""
 
@@ -243,25 +257,33 @@ class CxrDemo:
             raise ModelUnavailable(self.status)
         return self.classifier
 
-    def _prepare(self, file: Any) -> tuple[LoadedClassifier, LoadedImage, torch.Tensor]:
+    def _prepare(
+        self, file: Any, reader: Callable[[Any], LoadedImage] = read_upload_cached
+    ) -> tuple[LoadedClassifier, LoadedImage, torch.Tensor]:
         classifier = self._require()
-        image = read_upload_cached(_file_path(file))
+        image = reader(_file_path(file))
         pixel_values = classifier.processor(image.model_input(), return_tensors="pt")["pixel_values"]
         return classifier, image, pixel_values
 
     def _probabilities(self, classifier: LoadedClassifier, pixel_values: torch.Tensor) -> torch.Tensor:
         return classifier.logits(pixel_values)[0].float().softmax(-1).cpu()
 
-    def predict(self, file: Any) -> tuple[dict[str, float], str]:
-        """Upload -> ({label: probability}, a Markdown summary with the warnings and the caveat)."""
-        classifier, image, pixel_values = self._prepare(file)
+    def classify(self, file: Any, reader: Callable[[Any], LoadedImage] = read_upload_cached) -> Prediction:
+        """A file -> calibrated probabilities and the guardrails' warnings (what the UI, the API and the CLI share)."""
+        classifier, image, pixel_values = self._prepare(file, reader)
         probabilities = self._probabilities(classifier, pixel_values)
         scores = {label: float(p) for label, p in zip(classifier.labels, probabilities.tolist(), strict=True)}
-        top_label = max(scores, key=scores.get)
         input_findings = guardrails.check_radiograph(image.pixels, image.dicom)
         confidence_findings = guardrails.check_confidence(scores)
         warnings = [guardrails.warning_text(input_findings)] if input_findings else []
         warnings += [f"Low confidence: {finding.message}." for finding in confidence_findings]
+        return Prediction(scores, warnings, image)
+
+    def predict(self, file: Any) -> tuple[dict[str, float], str]:
+        """Upload -> ({label: probability}, a Markdown summary with the warnings and the caveat)."""
+        classifier = self._require()
+        scores, warnings, image = self.classify(file).astuple()
+        top_label = max(scores, key=scores.get)
         for warning in warnings:
             gr.Warning(warning)
         calibrated = (
