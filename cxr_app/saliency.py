@@ -99,7 +99,12 @@ class Explainer:
     """Attribution for one model; the model is put in eval mode with frozen parameters (gradients w.r.t. inputs
     only) and is never hooked, so predictions can run on it concurrently."""
 
-    def __init__(self, model: nn.Module, settings: SaliencySettings | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, settings: SaliencySettings | None = None, no_grad_logits: Callable | None = None
+    ) -> None:
+        """`no_grad_logits`: a faster pixel_values -> logits function for Occlusion, which needs no gradients (the
+        app passes its opt-in CPU runner, checked against eager fp32); default: the model's own fp32 graph."""
+        self.no_grad_logits = no_grad_logits
         self.model = model.eval()
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
@@ -153,7 +158,7 @@ class Explainer:
         positions = ((pixel_values.shape[-2] - window) // stride + 1) * ((side - window) // stride + 1)
         per_eval = self.settings.occlusion_batch_size
         total = 1 + math.ceil(positions / per_eval)
-        logits = CnnLstmLogits(self.model)
+        logits = self.no_grad_logits or CnnLstmLogits(self.model)
         forward = _CountingForward(lambda inputs: logits(inputs).softmax(-1), total, progress, OCCLUSION)
         # Each patch is replaced by the image's own mean (per channel): no artificial black or white edges.
         fill = pixel_values.mean(dim=(2, 3), keepdim=True).expand_as(pixel_values).contiguous()

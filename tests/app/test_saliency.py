@@ -118,3 +118,24 @@ def test_overlay_maps_back_to_the_image(resize_mode):
 def test_large_images_are_shown_at_most_768_px():
     overlay = render_overlay(np.zeros((2000, 1000), np.uint8), np.ones((32, 32), np.float32))
     assert overlay.size == (384, 768)
+
+
+def test_occlusion_uses_the_given_no_grad_path_and_gives_the_same_map(tmp_path, make_checkpoint):
+    """The app hands Occlusion its opt-in CPU runner (here ONNX Runtime, explicit): same map, and it is really used."""
+    make_checkpoint(tmp_path)
+    model = CnnLstmForImageClassification.from_pretrained(tmp_path).eval()
+    size = model.config.image_size
+    pixel_values = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    runner = model.fast_cpu_inference("onnxruntime")
+    assert runner.backend == "onnxruntime", runner.reason
+    calls = []
+
+    def counted(inputs: torch.Tensor) -> torch.Tensor:
+        calls.append(inputs.shape[0])
+        return runner(inputs)
+
+    plain, _ = Explainer(model).attribute(pixel_values, "Occlusion", 0, None)
+    fast, _ = Explainer(model, no_grad_logits=counted).attribute(pixel_values, "Occlusion", 0, None)
+    assert calls and sum(calls) > 1  # the patches went through the runner
+    assert plain is not None and plain.max() > 0
+    np.testing.assert_allclose(fast, plain, atol=1e-3)
