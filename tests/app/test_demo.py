@@ -243,7 +243,7 @@ class TestPredict:
         make_checkpoint(tmp_path, calibration_temperature=1000.0)  # every answer close to 1/3
         with caplog.at_level("INFO", logger="cxr_app.demo"):
             app = CxrDemo.from_source(str(tmp_path))
-        assert f"predictions run on {app.classifier.runner.backend}: " in caplog.text  # the choice and its reason
+        assert f"predictions and Occlusion run on {app.classifier.runner.backend}: " in caplog.text
         scores, summary = app.predict(str(example_xrays["normal"][0]))
         assert max(scores.values()) < 0.34
         assert "Low confidence" in summary and "calibrated with temperature 1000.00" in summary
