@@ -9,19 +9,30 @@ Each given result is stored in the folder's `report/metrics.json` (keys `cross_v
 same data. Results not given keep their stored value, and a result never run renders as "not run". Everything is
 rendered before anything is written, and each file is written atomically (`train.atomic.atomic_write_text`), so an
 interrupted update never leaves a truncated card or metrics.json.
+
+`--recompute_bootstrap` recomputes the `bootstrap` section (macro and per-class intervals) from the folder's own
+`report/predictions.csv` (the calibrated probabilities the metrics came from) with the training code's
+`bootstrap_intervals`, the stored number of resamples and the run's seed: reports written before per-class intervals
+existed gain them, and their macro intervals come out as before (within the CSV's 6-decimal rounding).
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from transformers import HfArgumentParser
 
 from train.atomic import atomic_write_text
+from train.metrics.cxr_metrics.cxr_metrics import compute_classification_metrics
 from train.training.model_card import DEFAULT_TEMPLATE, card_context, render_model_card
-from train.training.report import render_report_markdown
+from train.training.report import PREDICTIONS_FILE, bootstrap_intervals, render_report_markdown
+
+SEED_IN_SUMMARY = re.compile(r"\bseed (\d+)\.")  # model_card.training_summary: "...; seed 42."
 
 
 @dataclass
@@ -34,6 +45,57 @@ class UpdateCardArguments:
         default=None, metadata={"help": "report/metrics.json of the same network on the --protocol paper split."}
     )
     model_card_template: str | None = field(default=None, metadata={"help": "Template (default: model_card.md)."})
+    recompute_bootstrap: bool = field(
+        default=False,
+        metadata={"help": "Recompute the bootstrap intervals (macro and per class) from report/predictions.csv."},
+    )
+    bootstrap_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Seed of the recomputed bootstrap (default: the stored one, else the run's seed named in the "
+            "card's training summary; training passes its --seed)."
+        },
+    )
+
+
+def read_predictions(path: Path, label_names: list[str]) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """(probabilities, label indices, patient ids or None) from a report's predictions.csv."""
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    columns = [f"p_{name}" for name in label_names]
+    if not rows or any(column not in rows[0] for column in columns):
+        raise SystemExit(f"{path} has no rows or lacks the columns {columns}")
+    probabilities = np.array([[float(row[column]) for column in columns] for row in rows])
+    labels = np.array([label_names.index(row["label"]) for row in rows], dtype=np.int64)
+    groups = [row["patient_id"] for row in rows] if "patient_id" in rows[0] else None
+    return probabilities, labels, groups
+
+
+def resolve_seed(report: dict, given: int | None) -> int:
+    """The bootstrap seed: given, else stored with the intervals, else the run's seed (training passes --seed)."""
+    if given is not None:
+        return given
+    if report["bootstrap"].get("seed") is not None:
+        return int(report["bootstrap"]["seed"])
+    found = SEED_IN_SUMMARY.findall(report["card_info"].get("training_summary", ""))
+    if len(found) != 1:
+        raise SystemExit("the bootstrap seed is not recorded in metrics.json; pass --bootstrap_seed")
+    return int(found[0])
+
+
+def recompute_bootstrap(report: dict, report_dir: Path, seed: int) -> dict:
+    """The `bootstrap` section again, from predictions.csv, after checking that the CSV is this report's."""
+    names = list(report["label_names"])
+    probabilities, labels, groups = read_predictions(report_dir / PREDICTIONS_FILE, names)
+    bins = len(report["metrics"].get("calibration_bins") or []) or 15
+    check = compute_classification_metrics(probabilities, labels, names, input_type="probabilities", ece_bins=bins)
+    for key in ("num_samples", "accuracy", "macro_auc"):
+        stored, found = report["metrics"][key], check[key]
+        if stored is None or found is None or abs(found - stored) > 1e-3:
+            raise SystemExit(f"{report_dir / PREDICTIONS_FILE} does not reproduce metrics.json ({key} {found} vs "
+                             f"{stored}): not the predictions this report was computed from")  # fmt: skip
+    samples = int(report["bootstrap"]["samples"])
+    return bootstrap_intervals(probabilities, labels, names, groups, samples, seed, bins)
 
 
 def update_card(args: UpdateCardArguments) -> Path:
@@ -50,6 +112,9 @@ def update_card(args: UpdateCardArguments) -> Path:
         report["shortcut_audit"] = json.loads(Path(args.shortcut_audit).read_text())
     if args.leaky_metrics:
         report["leaky_protocol"] = json.loads(Path(args.leaky_metrics).read_text())["metrics"]
+    if args.recompute_bootstrap:
+        seed = resolve_seed(report, args.bootstrap_seed)
+        report["bootstrap"] = recompute_bootstrap(report, metrics_path.parent, seed)
     template = Path(args.model_card_template or DEFAULT_TEMPLATE).read_text(encoding="utf-8")
     card_text = render_model_card(template, card_context(report, report["card_info"]))  # fails before any write
     report_text = render_report_markdown(report)

@@ -90,6 +90,8 @@ def test_metrics_json_keys_and_ranges(tiny_run: Path):
     assert report["bootstrap"]["unit"] == "patient"
     for key in ("accuracy", "macro_f1", "macro_auc"):
         assert intervals[key]["low"] <= metrics[key] <= intervals[key]["high"]
+    assert list(report["bootstrap"]["per_class"]) == LABEL_NAMES  # per-class intervals from the same resamples
+    assert report["bootstrap"]["seed"] == 42  # the run's --seed (train/configs/tiny.json)
     assert report["per_source"] and all(v["num_samples"] > 0 for v in report["per_source"].values())
     assert sum(v["num_samples"] for v in report["per_source"].values()) == report["num_samples"]
     assert report["run"]["world_size"] == 1

@@ -25,6 +25,7 @@ from train.training.report import (
     per_class_table,
     per_source_table,
     percent,
+    shortcut_audit_section,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -231,27 +232,6 @@ def card_context(report: dict[str, Any], info: dict[str, Any], report_folder: st
         "leaky_protocol_row": leaky_protocol_row(report.get("leaky_protocol")),
     }
     return {key: str(value) for key, value in context.items()}
-
-
-def shortcut_audit_section(audit: dict[str, Any] | None) -> str:
-    """The `scripts/shortcut_audit.py` result as a table, or a line saying it was not run."""
-    if not audit:
-        return (
-            "Not run for this checkpoint. `python scripts/shortcut_audit.py --model FOLDER --data_dir CORPUS` "
-            "evaluates the test images as they are, with the lung fields masked and with only the lung fields "
-            "visible."
-        )
-    names = audit["label_names"]
-    lines = [
-        f"{audit['num_samples']} `{audit['split']}` images. {audit['mask']}",
-        "",
-        "| Condition | Accuracy | Macro F1 | " + " | ".join(f"Sensitivity {name}" for name in names) + " |",
-        "|---|---|---|" + "---|" * len(names),
-    ]
-    for condition, values in audit["conditions"].items():
-        cells = " | ".join(percent(values["sensitivity"][name]) for name in names)
-        lines.append(f"| {condition} | {percent(values['accuracy'])} | {percent(values['macro_f1'])} | {cells} |")
-    return "\n".join([*lines, "", audit["interpretation"]])
 
 
 def leaky_protocol_row(metrics: dict[str, Any] | None) -> str:

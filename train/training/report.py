@@ -37,6 +37,7 @@ INTERVAL_KEYS = (
     "macro_auc",
     "ece",
 )
+PER_CLASS_INTERVAL_KEYS = ("precision", "sensitivity", "specificity", "f1", "auc")
 TABLE_KEYS = ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc")
 PREDICTIONS_FILE = "predictions.csv"
 PLOT_FILES = {
@@ -49,6 +50,14 @@ PLOT_FILES = {
 }
 
 
+def _defined(value: float | None) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def _percentile_interval(found: list[float]) -> dict[str, Any]:
+    return {"low": float(np.percentile(found, 2.5)), "high": float(np.percentile(found, 97.5)), "n": len(found)}
+
+
 def bootstrap_intervals(
     probabilities: np.ndarray,
     labels: np.ndarray,
@@ -58,9 +67,12 @@ def bootstrap_intervals(
     seed: int = 0,
     ece_bins: int = 15,
 ) -> dict[str, Any]:
-    """Percentile 95% intervals of the macro metrics over `samples` resamples (of groups when given)."""
+    """Percentile 95% intervals over `samples` resamples (of groups when given): of the macro metrics (`intervals`)
+    and, from the same resamples, of each class's metrics (`per_class`). Undefined values (the AUC of a resample
+    without a class) are left out; `n` counts the resamples an interval was taken over."""
+    names = list(label_names)
     if samples <= 0:
-        return {"samples": 0, "unit": None, "intervals": {}}
+        return {"samples": 0, "unit": None, "seed": seed, "intervals": {}, "per_class": {}}
     rng = np.random.default_rng(seed)
     if groups is not None:
         _, group_index = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
@@ -68,21 +80,28 @@ def bootstrap_intervals(
     else:
         members = [np.array([index]) for index in range(len(labels))]
     values: dict[str, list[float]] = {key: [] for key in INTERVAL_KEYS}
+    class_values = {name: {key: [] for key in PER_CLASS_INTERVAL_KEYS} for name in names}
     for _ in range(samples):
         chosen = rng.integers(0, len(members), len(members))
         indices = np.concatenate([members[group] for group in chosen])
         result = compute_classification_metrics(
-            probabilities[indices], labels[indices], list(label_names), input_type="probabilities", ece_bins=ece_bins
+            probabilities[indices], labels[indices], names, input_type="probabilities", ece_bins=ece_bins
         )
         for key in INTERVAL_KEYS:
-            if result[key] is not None:
+            if _defined(result[key]):
                 values[key].append(result[key])
-    intervals = {
-        key: {"low": float(np.percentile(found, 2.5)), "high": float(np.percentile(found, 97.5)), "n": len(found)}
-        for key, found in values.items()
-        if found
+        for name, collected in class_values.items():
+            for key, found in collected.items():
+                if _defined(result["per_class"][name][key]):
+                    found.append(result["per_class"][name][key])
+    intervals = {key: _percentile_interval(found) for key, found in values.items() if found}
+    per_class = {
+        name: {key: _percentile_interval(found) for key, found in collected.items() if found}
+        for name, collected in class_values.items()
+        if any(collected.values())
     }
-    return {"samples": samples, "unit": "patient" if groups is not None else "image", "intervals": intervals}
+    unit = "patient" if groups is not None else "image"
+    return {"samples": samples, "unit": unit, "seed": seed, "intervals": intervals, "per_class": per_class}
 
 
 def per_source_metrics(
@@ -220,6 +239,32 @@ def intervals_table(report: dict[str, Any]) -> str:
             lines.append(f"| ECE | {estimate:.3f} | {interval['low']:.3f} - {interval['high']:.3f} |")
         else:
             lines.append(f"| {key} | {percent(estimate)} | {percent(interval['low'])} - {percent(interval['high'])} |")
+    per_class = per_class_intervals_table(report)
+    return "\n".join(lines) + (f"\n\n{per_class}" if per_class else "")
+
+
+def per_class_intervals_table(report: dict[str, Any]) -> str:
+    """Each class's estimate (95% interval) in %, from the macro intervals' resamples; "" for reports written
+    before per-class intervals were collected."""
+    per_class = report["bootstrap"].get("per_class")
+    if not per_class:
+        return ""
+    keys = {"sensitivity": "Sensitivity", "specificity": "Specificity", "f1": "F1", "auc": "AUC"}
+    lines = [
+        "Per class (%, estimate (95% interval), same resamples):",
+        "",
+        "| Class | " + " | ".join(keys.values()) + " |",
+        "|---|" + "---|" * len(keys),
+    ]
+    for name, estimates in report["metrics"]["per_class"].items():
+        intervals = per_class.get(name, {})
+        cells = [
+            f"{percent(estimates.get(key))} ({percent(intervals[key]['low'])} - {percent(intervals[key]['high'])})"
+            if key in intervals
+            else f"{percent(estimates.get(key))} (n/a)"
+            for key in keys
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -284,6 +329,28 @@ def cv_table(cv: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
+def shortcut_audit_section(audit: dict[str, Any] | None) -> str:
+    """The `scripts/shortcut_audit.py` result as a table, or a line saying it was not run (report and card)."""
+    if not audit:
+        return (
+            "Not run for this checkpoint. `python scripts/shortcut_audit.py --model FOLDER --data_dir CORPUS` "
+            "evaluates the test images as they are, with the lung fields masked and with only the lung fields "
+            "visible; `python scripts/update_card.py --model_dir FOLDER --shortcut_audit shortcut_audit.json` "
+            "adds its result here."
+        )
+    names = audit["label_names"]
+    lines = [
+        f"{audit['num_samples']} `{audit['split']}` images. {audit['mask']}",
+        "",
+        "| Condition | Accuracy | Macro F1 | " + " | ".join(f"Sensitivity {name}" for name in names) + " |",
+        "|---|---|---|" + "---|" * len(names),
+    ]
+    for condition, values in audit["conditions"].items():
+        cells = " | ".join(percent(values["sensitivity"].get(name)) for name in names)
+        lines.append(f"| {condition} | {percent(values['accuracy'])} | {percent(values['macro_f1'])} | {cells} |")
+    return "\n".join([*lines, "", audit["interpretation"]])
+
+
 def render_report_markdown(report: dict[str, Any]) -> str:
     figures = "\n".join(f"![{name}]({file})" for name, file in report["plots"].items())
     return "\n\n".join(
@@ -297,6 +364,8 @@ def render_report_markdown(report: dict[str, Any]) -> str:
             calibration_table(report),
             "## Per-source metrics",
             per_source_table(report),
+            "## Shortcut audit",
+            shortcut_audit_section(report.get("shortcut_audit")),
             "## Cross-validation",
             cv_table(report.get("cross_validation")),
             "## Figures",
