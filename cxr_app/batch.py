@@ -1,0 +1,459 @@
+"""Batch uploads -> the files to classify: loose images and DICOM files, and the members of zip archives.
+
+An archive is the cheapest way to make a server spend memory, disk and time, so none of it is trusted:
+
+- the table of contents: `zipfile.ZipFile` reads the whole central directory in one read of the size the archive
+  declares and builds one ZipInfo per entry (a 64 MB archive can list ~1.4 M entries: hundreds of MB). The end
+  records (plain and zip64) are read here first, and an archive whose directory is over `MAX_DIRECTORY_BYTES` or
+  lists over `MAX_ARCHIVE_MEMBERS` entries (declared, and counted by walking the directory) is refused before
+  ZipFile sees it; ZipFile then reads through a handle that refuses any larger read, wherever it finds the end.
+- each member: only regular, unencrypted, stored or deflated files with an image/DICOM suffix (or a suffix-less
+  file with the DICOM preamble) are extracted; links and nested archives are not followed. bzip2 and LZMA are
+  refused: zipfile inflates each of their chunks without an output bound. A member is streamed to a generated name
+  in the caller's folder (never to its own path), stopped at `MAX_FILE_BYTES`, and the bytes really inflated (a
+  bomb's header lies) count against `MAX_EXTRACTED_BYTES` per batch, kept or not: that bounds disk and time,
+  overlapping-entry bombs included. A failed member's partial file is deleted.
+- the batch: at most `MAX_BATCH_FILES` files go on to be read; the rest are counted in one row.
+
+Every problem with one file is a row of its own, with a sentence for the user; the other files still run. The
+caller reads each `BatchEntry.path` with `uploads.read_upload`, which guards the image and DICOM decoders.
+
+Not part of the Hub-uploaded model: nothing in the model files imports this module.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import stat
+import struct
+import zipfile
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from .upload_types import MAX_FILE_BYTES, InputError
+from .uploads import ACCEPTED_SUFFIXES
+
+MAX_BATCH_FILES = 50  # files read per batch: ~0.2-0.3 s each on 2 CPU cores, so a full batch answers in ~15 s
+MAX_ARCHIVE_MEMBERS = 1000  # entries listed in one zip: a full batch plus folders and clutter, with room to spare
+MAX_DIRECTORY_BYTES = 1 << 20  # a zip's central directory: 1000 entries with ~1 KB paths; ~23k entries at most
+MAX_EXTRACTED_BYTES = 512 << 20  # bytes inflated from the archives of one batch, kept or not: 50 CR DICOMs of ~10 MB
+
+_CHUNK = 1 << 20  # bytes inflated per read while extracting
+_SNIFF = 132  # a DICOM file's preamble and "DICM"
+_EOCD = struct.Struct("<4s4H2LH")  # end of central directory: signature, disks, entries, size, offset, comment
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")  # signature, disk of the zip64 record, its offset, number of disks
+_ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")  # signature, size, versions, disks, entries, size, offset
+_CENTRAL_ENTRY = 46  # fixed part of a central directory entry; its name, extra, comment lengths sit at byte 28
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")  # first member, empty archive, spanning marker
+_ARCHIVE_SUFFIXES = (".zip", ".7z", ".rar", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".zst")
+_CLUTTER = ("thumbs.db", "desktop.ini", "dicomdir")  # Windows' thumbnails and settings; a DICOM export's index
+_KINDS = "PNG, JPEG, BMP, TIFF, WebP and DICOM (.dcm)"
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchEntry:
+    """One row of the batch table."""
+
+    name: str  # the upload's base file name, or "archive.zip/inner/path.png"
+    path: Path | None  # the file to read (the upload itself, or a member extracted under workdir); None when refused
+    error: str | None  # a sentence for the user when this entry is not read, else None
+
+
+class _Refused(Exception):
+    """An archive or member that is not read; the message is meant for the user."""
+
+
+class _NoDirectory(_Refused):
+    """No end of central directory record: a truncated archive, or no archive at all."""
+
+
+class _ReadTooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+class _GuardedFile(io.FileIO):
+    """The archive as ZipFile reads it: while `limit` is set, a read of more than `limit` bytes is refused."""
+
+    limit: int | None = None
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        if self.limit is not None:
+            wanted = size if size is not None and size >= 0 else os.fstat(self.fileno()).st_size - self.tell()
+            if wanted > self.limit:
+                raise _ReadTooLarge(wanted)
+        return super().read(size)
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 2**20:.0f} MB" if size >= 2**20 else f"{size / 2**10:.0f} KB"
+
+
+def _display(name: str, limit: int = 200) -> str:
+    """A name for the table: control characters shown as "?", a long name shortened in the middle."""
+    name = "".join("?" if ord(char) < 32 or ord(char) == 127 else char for char in name)
+    return name if len(name) <= limit else f"{name[: limit - 61]}...{name[-58:]}"
+
+
+def _directory_end(handle: io.FileIO, size: int) -> tuple[int, int, int]:
+    """(declared entries, directory size, directory start), found where zipfile finds them: an end record that ends
+    the file, else the last one in the final 64 KiB (a comment follows it); then a zip64 record just before it."""
+    missing = _NoDirectory("The zip archive is incomplete or damaged: its table of contents is missing.")
+    if size < _EOCD.size:
+        raise missing
+    handle.seek(size - _EOCD.size)
+    record, position = handle.read(_EOCD.size), size - _EOCD.size
+    if not (record.startswith(b"PK\x05\x06") and record.endswith(b"\x00\x00")):
+        start = max(size - (1 << 16) - _EOCD.size, 0)
+        handle.seek(start)
+        tail = handle.read(size - start)
+        found = tail.rfind(b"PK\x05\x06")
+        if found < 0 or found + _EOCD.size > len(tail):
+            raise missing
+        record, position = tail[found : found + _EOCD.size], start + found
+    _, _, _, _, entries, directory_size, _, _ = _EOCD.unpack(record)
+    start = position - directory_size
+    if position >= _ZIP64_LOCATOR.size:
+        handle.seek(position - _ZIP64_LOCATOR.size)
+        signature, disk, _, disks = _ZIP64_LOCATOR.unpack(handle.read(_ZIP64_LOCATOR.size))
+        if signature == b"PK\x06\x07":
+            if disk != 0 or disks > 1:
+                raise _Refused("Zip archives split into several parts are not supported; join them into one.")
+            if position >= _ZIP64_LOCATOR.size + _ZIP64_EOCD.size:
+                handle.seek(position - _ZIP64_LOCATOR.size - _ZIP64_EOCD.size)
+                fields = _ZIP64_EOCD.unpack(handle.read(_ZIP64_EOCD.size))
+                if fields[0] == b"PK\x06\x06":
+                    entries, directory_size = fields[7], fields[8]
+                    start = position - _ZIP64_LOCATOR.size - _ZIP64_EOCD.size - directory_size
+    return entries, directory_size, start
+
+
+def _count_entries(handle: io.FileIO, start: int, size: int) -> int:
+    """Entries in the central directory, walked record by record (the declared count can lie); stops at the first
+    malformed record, which ZipFile then reports."""
+    handle.seek(start)
+    data, count, position = handle.read(size), 0, 0
+    while position + _CENTRAL_ENTRY <= len(data) and data[position : position + 4] == b"PK\x01\x02":
+        name, extra, comment = struct.unpack_from("<3H", data, position + 28)
+        position += _CENTRAL_ENTRY + name + extra + comment
+        count += 1
+    return count
+
+
+@contextmanager
+def _open_archive(path: Path, max_members: int, max_directory_bytes: int) -> Iterator[zipfile.ZipFile]:
+    """The archive, its table of contents checked against the limits before ZipFile parses it."""
+    with _GuardedFile(path, "r") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        entries, directory_size, start = _directory_end(handle, size)
+        too_large = _Refused(
+            f"The zip archive's table of contents is too large ({_megabytes(directory_size)}; the limit is "
+            f"{_megabytes(max_directory_bytes)}): it lists far more entries than a batch can hold."
+        )
+        if directory_size > max_directory_bytes:
+            raise too_large
+        if start < 0 or start + directory_size > size:
+            raise _Refused("The zip archive is damaged: its table of contents points outside the file.")
+        entries = max(entries, _count_entries(handle, start, directory_size))
+        if entries > max_members:
+            raise _Refused(f"The zip archive lists {entries} entries; the limit is {max_members}. Split it into "
+                           "smaller archives.")
+        handle.limit = max(max_directory_bytes, (1 << 16) + _EOCD.size)  # ZipFile's search for the end reads 64 KiB
+        try:
+            archive = zipfile.ZipFile(handle)
+        except _ReadTooLarge:
+            raise too_large from None
+        except MemoryError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a damaged directory makes zipfile raise many kinds of error
+            if not isinstance(error, (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError)):
+                logger.warning("unusual error while a zip directory was read", exc_info=error)
+            raise _Refused(f"The zip archive is damaged and cannot be read ({type(error).__name__}).") from None
+        handle.limit = None
+        with archive:
+            if len(archive.infolist()) > max_members:
+                raise _Refused(f"The zip archive lists {len(archive.infolist())} entries; the limit is "
+                               f"{max_members}. Split it into smaller archives.")
+            yield archive
+
+
+def _silently_skipped(info: zipfile.ZipInfo) -> bool:
+    """Folders and what systems add to archives on their own: __MACOSX/ (resource forks), hidden files (.DS_Store,
+    ._name), Thumbs.db, desktop.ini; and DICOMDIR, the index of a DICOM export (it holds no image)."""
+    parts = [part for part in info.filename.replace("\\", "/").split("/") if part]
+    if not parts or info.is_dir() or info.filename.endswith("\\") or stat.S_ISDIR(info.external_attr >> 16):
+        return True
+    hidden = any(part.startswith(".") and part not in (".", "..") for part in parts)
+    return hidden or parts[0] == "__MACOSX" or parts[-1].lower() in _CLUTTER
+
+
+def _refusal(info: zipfile.ZipInfo, suffix: str, max_member_bytes: int) -> str | None:
+    """Why a member is not extracted, from its directory entry alone; None when it may be."""
+    mode = info.external_attr >> 16
+    if stat.S_ISLNK(mode):
+        return "The archive entry is a symbolic link, not a file; links are not followed."
+    if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
+        return "The archive entry is not a regular file (a device or pipe); it is not read."
+    if suffix in _ARCHIVE_SUFFIXES:
+        return "The file is an archive inside the archive; nested archives are not opened. Upload it on its own."
+    if suffix and suffix not in ACCEPTED_SUFFIXES:
+        return f'Files named "{_display(suffix, 20)}" are not read: a batch takes {_KINDS} files.'
+    if info.flag_bits & 0x1:
+        return ("The file is encrypted (password-protected) in the archive and is not opened. Make the archive "
+                "again without a password.")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        method = zipfile.compressor_names.get(info.compress_type, f"method {info.compress_type}")
+        return (f"The file is compressed with {method} in the archive, which is not supported. Make the archive "
+                "again with standard (deflate) compression.")
+    if info.file_size > max_member_bytes:
+        return (f"The file expands to {_megabytes(info.file_size)}; the limit is {_megabytes(max_member_bytes)} "
+                "per file.")
+    return None
+
+
+def _damaged_member(error: Exception) -> str:
+    """zipfile's messages may quote the member's raw header: only the kind of error is shown."""
+    return f"The file is damaged in the archive and could not be extracted ({type(error).__name__})."
+
+
+def _discard(path: Path | None) -> None:
+    if path is not None:
+        path.unlink(missing_ok=True)
+
+
+@dataclass
+class _Overflow:
+    """Files not read because a limit was reached: one row, placed where the first of them was."""
+
+    position: int
+    first: str
+    count: int = 0
+
+
+class _Batch:
+    def __init__(self, workdir: Path, max_files: int, max_members: int, max_extracted_bytes: int,
+                 max_member_bytes: int, max_directory_bytes: int) -> None:
+        self.workdir, self.max_files, self.max_members = workdir, max_files, max_members
+        self.max_extracted_bytes, self.max_member_bytes = max_extracted_bytes, max_member_bytes
+        self.max_directory_bytes = max_directory_bytes
+        self.entries: list[BatchEntry] = []
+        self.readable = self.inflated = self.next_name = 0
+        self.over_cap: _Overflow | None = None
+        self.over_budget: _Overflow | None = None
+
+    # -- rows -------------------------------------------------------------------------------------------------------
+    def read(self, name: str, path: Path) -> None:
+        self.entries.append(BatchEntry(name, path, None))
+        self.readable += 1
+
+    def refuse(self, name: str, error: str) -> None:
+        self.entries.append(BatchEntry(name, None, error))
+
+    def full(self, name: str, count: int = 1) -> bool:
+        """True when the batch holds max_files files to read already; `count` later files are then counted."""
+        if self.readable < self.max_files:
+            return False
+        self.over_cap = self.over_cap or _Overflow(len(self.entries), name)
+        self.over_cap.count += count
+        return True
+
+    def over_limit(self, name: str) -> None:
+        self.over_budget = self.over_budget or _Overflow(len(self.entries), name)
+        self.over_budget.count += 1
+
+    def rows_so_far(self) -> int:
+        """Entries plus the files counted in the overflow rows."""
+        return len(self.entries) + sum(overflow.count for overflow in (self.over_cap, self.over_budget) if overflow)
+
+    def rows(self) -> list[BatchEntry]:
+        rows = list(self.entries)
+        if self.over_cap:  # at or after the budget row's place: inserted first, so that the budget row stays first
+            files = self.over_cap.count
+            rows.insert(self.over_cap.position, BatchEntry(
+                f"{files} more file{'s' * (files > 1)}", None,
+                f"The batch limit of {self.max_files} files was reached: {files} more file{'s' * (files > 1)}, from "
+                f"{self.over_cap.first} on, {'were' if files > 1 else 'was'} not read. Upload "
+                f"{'them' if files > 1 else 'it'} in another batch."))
+        if self.over_budget:
+            files = self.over_budget.count
+            rows.insert(self.over_budget.position, BatchEntry(
+                f"{files} more file{'s' * (files > 1)}", None,
+                f"The files extracted from archives reached the batch limit of {_megabytes(self.max_extracted_bytes)}:"
+                f" {files} file{'s' * (files > 1)}, from {self.over_budget.first} on, {'were' if files > 1 else 'was'}"
+                f" not extracted. Upload {'them' if files > 1 else 'it'} in another batch."))
+        return rows
+
+    # -- uploads ----------------------------------------------------------------------------------------------------
+    def add(self, name: str, path: Path) -> None:
+        if not path.is_file():
+            if not self.full(name):
+                self.refuse(name, "The file could not be found on the server; please upload it again.")
+            return
+        try:
+            with path.open("rb") as handle:
+                head = handle.read(_SNIFF)
+        except OSError:
+            if not self.full(name):
+                self.refuse(name, "The file could not be read on the server; please upload it again.")
+            return
+        is_dicom = head[128:132] == b"DICM"  # a DICOM preamble may start with anything, "PK" included
+        named_zip = Path(name).suffix.lower() == ".zip" or path.suffix.lower() == ".zip"
+        if named_zip or (head.startswith(_ZIP_MAGIC) and not is_dicom):
+            self.add_archive(name, path, looks_like_zip=head.startswith(_ZIP_MAGIC))
+        elif not self.full(name):
+            self.read(name, path)
+
+    def add_archive(self, name: str, path: Path, looks_like_zip: bool) -> None:
+        if self.readable >= self.max_files:  # only counted: what the user would have to upload again
+            try:
+                with _open_archive(path, self.max_members, self.max_directory_bytes) as archive:
+                    members = [info for info in archive.infolist() if not _silently_skipped(info)]
+            except (_Refused, OSError):
+                self.full(name)
+                return
+            if members:
+                self.full(_display(f"{name}/{members[0].filename}"), len(members))
+            return
+        before = self.rows_so_far()
+        try:
+            with _open_archive(path, self.max_members, self.max_directory_bytes) as archive:
+                for info in archive.infolist():
+                    if not _silently_skipped(info):
+                        self.add_member(archive, info, _display(f"{name}/{info.filename}"))
+        except _NoDirectory as refusal:
+            self.refuse(name, str(refusal) if looks_like_zip else "The file is named .zip but is not a zip archive.")
+        except _Refused as refusal:
+            self.refuse(name, str(refusal))
+        except OSError as error:
+            self.refuse(name, f"The zip archive could not be read on the server ({type(error).__name__}).")
+        if self.rows_so_far() == before:
+            self.refuse(name, "The zip archive holds no files (only folders or hidden files).")
+
+    # -- archive members --------------------------------------------------------------------------------------------
+    def add_member(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> None:
+        if self.full(name):
+            return
+        suffix = PurePosixPath(info.filename.replace("\\", "/")).suffix.lower()
+        refusal = _refusal(info, suffix, self.max_member_bytes)
+        if refusal:
+            self.refuse(name, refusal)
+        elif info.file_size > self.max_extracted_bytes - self.inflated:  # declared: nothing inflated in vain
+            self.over_limit(name)
+        else:
+            self.extract(archive, info, name, suffix or None)
+
+    def new_file(self, suffix: str) -> Path:
+        """A new file under workdir with a generated name (index + suffix), never one that exists."""
+        while True:
+            path = self.workdir / f"{self.next_name:04d}{suffix}"
+            self.next_name += 1
+            try:
+                path.open("xb").close()
+                return path
+            except FileExistsError:
+                continue
+
+    def extract(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, suffix: str | None) -> None:
+        """Streams one member to a new file, counting what is inflated, never trusting the declared size."""
+        limit = min(self.max_member_bytes, self.max_extracted_bytes - self.inflated)
+        target: Path | None = None
+        written, error = 0, None
+        try:
+            with archive.open(info) as source:
+                chunk = source.read(min(_SNIFF, limit + 1))
+                self.inflated += len(chunk)
+                if suffix is None:  # no suffix: read only as a DICOM file with its preamble
+                    if chunk[128:132] != b"DICM":
+                        raise _Refused(f"The file has no name extension and is not a DICOM file: a batch takes "
+                                       f"{_KINDS} files.")
+                    suffix = ".dcm"
+                target = self.new_file(suffix)
+                with target.open("wb") as sink:
+                    while chunk:
+                        written += len(chunk)
+                        if written > limit:
+                            break
+                        sink.write(chunk)
+                        chunk = source.read(min(_CHUNK, limit + 1 - written))
+                        self.inflated += len(chunk)
+        except _Refused as refusal:
+            error = str(refusal)
+        except zipfile.BadZipFile as failure:
+            error = ("The file is damaged in the archive (its checksum does not match) and was not read."
+                     if "CRC" in str(failure) else _damaged_member(failure))
+        except EOFError:
+            error = "The file is truncated in the archive and could not be extracted."
+        except zlib.error:
+            error = "The file's compressed data is damaged in the archive; it could not be extracted."
+        except NotImplementedError:
+            error = "The file uses a zip feature that is not supported (such as strong encryption or patch data)."
+        except OSError as failure:
+            error = f"The file could not be extracted on the server ({type(failure).__name__})."
+        except MemoryError:
+            _discard(target)
+            raise
+        except Exception as failure:  # noqa: BLE001 - crafted members reach corners of zipfile that raise anything
+            logger.warning("unusual error while an archive member was extracted", exc_info=failure)
+            error = _damaged_member(failure)
+        except BaseException:  # KeyboardInterrupt, SystemExit: no partial file stays behind either
+            _discard(target)
+            raise
+        if error is None and written > self.max_member_bytes:
+            error = (f"The file expands to more than {_megabytes(self.max_member_bytes)} (the limit per file), more "
+                     "than its header says: it is refused as a decompression bomb.")
+        if error is not None or written > limit:
+            _discard(target)
+        if error is not None:
+            self.refuse(name, error)
+        elif written > limit:  # the batch's extraction budget ran out during this member
+            self.over_limit(name)
+        else:
+            self.read(name, target)
+
+
+def _upload(item: object) -> tuple[str, Path | None]:
+    """(display name, path) of one upload: a path, or a (display name, path) pair."""
+    name, path = item if isinstance(item, tuple) and len(item) == 2 else (None, item)
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise InputError("The batch could not be read: each upload must be a file path.")
+    path = Path(path) if path is not None and str(path) != "" else None
+    return _display(str(name) if name else path.name if path else "(no name)"), path
+
+
+def expand_batch(uploads: Sequence[str | Path | tuple[str, str | Path]], workdir: Path, *,
+                 max_files: int = MAX_BATCH_FILES, max_members: int = MAX_ARCHIVE_MEMBERS,
+                 max_extracted_bytes: int = MAX_EXTRACTED_BYTES, max_member_bytes: int = MAX_FILE_BYTES,
+                 max_directory_bytes: int = MAX_DIRECTORY_BYTES) -> list[BatchEntry]:
+    """Uploaded files and zip archives -> one entry per file, in upload order (members in archive order), at most
+    `max_files` of them to read; archive members are extracted under `workdir` (a private folder the caller
+    deletes). Problems with a file are entries with an error; InputError only for unusable arguments. A single path
+    is taken as a batch of one (what a single-file upload component gives)."""
+    if isinstance(uploads, (str, os.PathLike)):
+        uploads = [uploads]
+    if not uploads:
+        raise InputError("No files were uploaded. Choose chest X-ray images, DICOM files or a zip archive of them.")
+    if not Path(workdir).is_dir():
+        raise InputError("The batch could not be prepared on the server (no working folder); please try again.")
+    if min(max_files, max_members, max_extracted_bytes, max_member_bytes, max_directory_bytes) < 1:
+        raise InputError("The batch limits must be positive.")
+    batch = _Batch(Path(workdir), max_files, max_members, max_extracted_bytes, max_member_bytes, max_directory_bytes)
+    for item in uploads:
+        name, path = _upload(item)
+        if path is None:
+            if not batch.full(name):
+                batch.refuse(name, "No file was uploaded here; please upload it again.")
+        else:
+            batch.add(name, path)
+    return batch.rows()
+
+
+__all__ = ["MAX_ARCHIVE_MEMBERS", "MAX_BATCH_FILES", "MAX_DIRECTORY_BYTES", "MAX_EXTRACTED_BYTES", "BatchEntry",
+           "expand_batch"]
