@@ -11,8 +11,6 @@ or no model. Research use only, not for diagnosis.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
 import os
 import sys
@@ -20,7 +18,8 @@ import tempfile
 from pathlib import Path
 
 from .demo import DISCLAIMER, CxrDemo
-from .uploads import ACCEPTED_SUFFIXES, InputError, read_upload
+from .results import rows_csv
+from .uploads import ACCEPTED_SUFFIXES
 
 
 def expand(paths: list[str]) -> list[Path]:
@@ -36,37 +35,22 @@ def expand(paths: list[str]) -> list[Path]:
 
 
 def predict_files(app: CxrDemo, files: list[Path], progress: bool = True) -> list[dict[str, str]]:
-    """One row per file; unreadable files are reported in their row."""
+    """One row per file (the app's batch rows); unreadable files are reported in their row."""
     from tqdm.auto import tqdm
 
-    labels = app.classifier.labels
-    rows = []
-    for path in tqdm(files, desc="X-rays", unit="file", disable=not progress):
-        row = {"file": str(path), "predicted": "", **{f"p_{label}": "" for label in labels}, "warnings": ""}
-        try:
-            prediction = app.classify(str(path), reader=read_upload)  # no cache: each file is read once
-        except InputError as error:
-            row["warnings"] = f"not read: {error}"
-        else:
-            row["predicted"] = prediction.label
-            row.update({f"p_{label}": f"{prediction.scores[label]:.4f}" for label in labels})
-            row["warnings"] = " | ".join(prediction.warnings)
-        rows.append(row)
-    return rows
+    return [app.classify_row(str(path), str(path))
+            for path in tqdm(files, desc="X-rays", unit="file", disable=not progress)]
 
 
-def write_csv(rows: list[dict[str, str]], destination: str) -> None:
+def write_csv(rows: list[dict[str, str]], labels: list[str], destination: str) -> None:
     """`-` is standard output; a file is written whole or not at all (temporary file, then rename)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
+    text = rows_csv(rows, labels)
     if destination == "-":
-        sys.stdout.write(buffer.getvalue())
+        sys.stdout.write(text)
         return
     target = Path(destination)
     with tempfile.NamedTemporaryFile("w", dir=target.parent, prefix=f".{target.name}.", delete=False) as handle:
-        handle.write(buffer.getvalue())
+        handle.write(text)
     os.replace(handle.name, target)
 
 
@@ -108,11 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {app.status}", file=sys.stderr)
         return 2
     rows = predict_files(app, files, progress=not args.no_progress)
+    labels = app.classifier.labels
     if args.csv == "-":
-        write_csv(rows, "-")
+        write_csv(rows, labels, "-")
     else:
         print_table(rows)
         if args.csv:
-            write_csv(rows, args.csv)
+            write_csv(rows, labels, args.csv)
     print(DISCLAIMER.replace("**", ""), file=sys.stderr)
     return 1 if any(row["predicted"] == "" for row in rows) else 0

@@ -13,11 +13,14 @@ installed (non-editable) copy of this package never looks inside site-packages f
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
 import re
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,9 @@ from modeling_cnn_lstm.fast_inference_cnn_lstm import CnnLstmFastInference
 from modeling_cnn_lstm.image_processing_cnn_lstm import CnnLstmImageProcessor
 
 from . import guardrails
+from .batch import MAX_BATCH_FILES, expand_batch
 from .limits import (
+    BATCH,
     GRAD_CAM_MAP,
     PREDICT,
     SLOW_MAP,
@@ -40,9 +45,21 @@ from .limits import (
     RateLimited,
     limit_waiting_per_client,
 )
-from .retention import delete_cache_setting, protect_build_time_files, retention_text
-from .saliency import GRAD_CAM, INTEGRATED_GRADIENTS, METHODS, OCCLUSION, Explainer, SaliencySettings, render_overlay
-from .uploads import ACCEPTED_SUFFIXES, InputError, LoadedImage, read_upload_cached
+from .prevalence import ClassRates, rates_from_metrics, reading
+from .report_view import ModelReport, load_report, report_folder
+from .results import columns, result_row, rows_csv
+from .retention import delete_cache_setting, protect_build_time_files, remove_older_than, retention_text
+from .saliency import (
+    DEFAULT_OPACITY,
+    GRAD_CAM,
+    INTEGRATED_GRADIENTS,
+    METHODS,
+    OCCLUSION,
+    Explainer,
+    SaliencySettings,
+    render_overlay,
+)
+from .uploads import ACCEPTED_SUFFIXES, InputError, LoadedImage, read_upload, read_upload_cached
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +76,7 @@ DISCLAIMER = (
     "trained on a small public collection whose classes differ by source and patient age, so it can be right for the "
     "wrong reasons. Never use its output for clinical decisions."
 )
+MAX_BATCH_UPLOADS = 4 * MAX_BATCH_FILES  # uploads per batch: room for a few unreadable ones, bounded rows
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -228,14 +246,31 @@ class Prediction:
         return self.scores, self.warnings, self.image
 
 
+@dataclass(frozen=True)
+class SaliencyView:
+    """A computed map and what it explains: the page keeps it per session to redraw at another opacity."""
+
+    saliency: np.ndarray | None  # [0, 1] at the model's input size; None when the map is zero everywhere
+    method: str
+    label: str
+
+
 class CxrDemo:
     """The app's state (a classifier or the reason there is none) and the functions the UI calls."""
 
-    def __init__(self, classifier: LoadedClassifier | None, status: str, home: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        classifier: LoadedClassifier | None,
+        status: str,
+        home: str | Path | None = None,
+        report: ModelReport | None = None,
+    ) -> None:
         self.classifier = classifier
         self.status = status
         self.home = app_home(home)
-        self.slow_maps = LowPriorityWorker()  # Integrated Gradients and Occlusion ($CNN_LSTM_SLOW_MAP_NICE)
+        self.report = report  # the checkpoint's own test report (report/metrics.json), None without one
+        self.rates: dict[str, ClassRates] | None = rates_from_metrics(report.data) if report else None
+        self.slow_maps = LowPriorityWorker()  # IG, Occlusion and batches ($CNN_LSTM_SLOW_MAP_NICE)
 
     @property
     def examples_dir(self) -> Path:
@@ -251,7 +286,8 @@ class CxrDemo:
         except ModelUnavailable as error:
             logger.warning("no model: %s", error)
             return cls(None, str(error), home)
-        return cls(classifier, f"Model: `{classifier.source}`.", home)
+        report = load_report(report_folder(source, revision))
+        return cls(classifier, f"Model: `{classifier.source}`.", home, report)
 
     def _require(self) -> LoadedClassifier:
         if self.classifier is None:
@@ -299,11 +335,11 @@ class CxrDemo:
         lines += ["", f"Input: {details}.", "", "_Research use only — not for diagnosis._"]  # "" ends the list
         return scores, "\n".join(lines)
 
-    def explain(
+    def attribution(
         self, file: Any, method: str = GRAD_CAM, target: str = PREDICTED, progress: Callable | None = None
-    ) -> tuple[Image.Image, str]:
-        """Upload -> (the saliency overlay at the input's aspect ratio, a sentence on how to read it)."""
-        classifier, image, pixel_values = self._prepare(file)
+    ) -> SaliencyView:
+        """Upload -> the saliency map of `method` for `target` (the predicted class by default)."""
+        classifier, _, pixel_values = self._prepare(file)
         method = method or GRAD_CAM
         if method not in METHODS:
             raise InputError(f"Unknown saliency method {method!r}; choose one of: {', '.join(METHODS)}.")
@@ -319,25 +355,98 @@ class CxrDemo:
             saliency, index = classifier.explainer.attribute(*arguments)
         else:  # 5-15 s of both cores: at a lower priority, so predictions beside it stay fast
             saliency, index = self.slow_maps.run(classifier.explainer.attribute, *arguments)
-        overlay = render_overlay(image.display_uint8(), saliency, classifier.processor.resize_mode)
-        label = classifier.labels[index]
-        if saliency is None:
+        return SaliencyView(saliency, method, classifier.labels[index])
+
+    def render(self, file: Any, view: SaliencyView, opacity: float = DEFAULT_OPACITY) -> Image.Image:
+        """The map drawn over the upload at the input's aspect ratio; weak areas stay uncoloured."""
+        classifier = self._require()
+        image = read_upload_cached(_file_path(file))
+        if not (isinstance(opacity, (int, float)) and 0.0 <= opacity <= 1.0):
+            raise InputError(f"The overlay opacity must be between 0 and 1, got {opacity!r}.")
+        return render_overlay(image.display_uint8(), view.saliency, classifier.processor.resize_mode,
+                              opacity=float(opacity))
+
+    def input_image(self, file: Any) -> Image.Image:
+        """The upload as the page shows it (windowed, oriented, longer side <= 768 px)."""
+        self._require()
+        return render_overlay(read_upload_cached(_file_path(file)).display_uint8(), None)
+
+    def explanation(self, view: SaliencyView) -> str:
+        """A sentence on how to read the map."""
+        method, label = view.method, view.label
+        if view.saliency is None:
             note = (
                 f"The {method} map for **{label}** is zero everywhere for this image (common for an untrained or "
                 "saturated model), so the image is shown without an overlay."
             )
         else:
-            config = classifier.model.config
+            config = self._require().model.config
             cell = config.image_size // max(1, config.feature_map_size)
             meaning = {
-                GRAD_CAM: f"red areas hold the features that raised the score for {label} most (coarse: one value "
-                f"per {cell}x{cell}-pixel cell of the model's input)",
-                INTEGRATED_GRADIENTS: f"red pixels changed the score for {label} most, up or down, on the way from "
-                "a black image",
-                OCCLUSION: f"hiding the red areas lowered the probability of {label} most",
+                GRAD_CAM: f"coloured areas hold the features that raised the score for {label} most (coarse: one "
+                f"value per {cell}x{cell}-pixel cell of the model's input)",
+                INTEGRATED_GRADIENTS: f"coloured pixels changed the score for {label} most, up or down, on the way "
+                "from a black image",
+                OCCLUSION: f"hiding the coloured areas lowered the probability of {label} most",
             }[method]
-            note = f"{method} for **{label}**: {meaning}; uncoloured areas mattered little."
-        return overlay, note + " A saliency map shows what the model used, not where disease is."
+            note = f"{method} for **{label}**: {meaning}; red is strongest, uncoloured areas mattered little."
+        return note + " A saliency map shows what the model used, not where disease is."
+
+    def explain(
+        self,
+        file: Any,
+        method: str = GRAD_CAM,
+        target: str = PREDICTED,
+        progress: Callable | None = None,
+        opacity: float = DEFAULT_OPACITY,
+    ) -> tuple[Image.Image, str]:
+        """Upload -> (the saliency overlay at the input's aspect ratio, a sentence on how to read it)."""
+        view = self.attribution(file, method, target, progress)
+        return self.render(file, view, opacity), self.explanation(view)
+
+    def prevalence_reading(self, label: str | None, prevalence: float) -> str:
+        """PPV/NPV of a `label` call at `prevalence` (0-1) from the checkpoint's test sensitivity and specificity."""
+        if not label:
+            return ""
+        if self.rates is None or label not in self.rates:
+            return "_No test report with this model: its predictive values cannot be computed._"
+        return reading(label, self.rates[label], prevalence)
+
+    def classify_row(self, name: str, path: Any) -> dict[str, str]:
+        """One batch/CLI row: the prediction, or why the file was not read (never raises for a bad file)."""
+        labels = self._require().labels
+        try:
+            prediction = self.classify(path, reader=read_upload)  # no cache: each file is read once
+        except InputError as error:
+            return result_row(labels, name, error=str(error))
+        except (MemoryError, torch.OutOfMemoryError):
+            return result_row(labels, name, error="out of memory while reading it; try a smaller image.")
+        except Exception as error:  # noqa: BLE001 - one bad file must not stop the batch; the log gets the traceback
+            logger.exception("unexpected error on a batch file")
+            return result_row(labels, name, error=f"unexpected error ({type(error).__name__}).")
+        return result_row(labels, name, prediction.scores, prediction.warnings)
+
+    def predict_batch(self, uploads: Sequence[Any], progress: Callable | None = None) -> list[dict[str, str]]:
+        """Files and zips of images/DICOM -> one row per image (cxr_app/batch.py bounds what a zip may cost). Zip
+        members are extracted into a private folder that is deleted before this returns."""
+        self._require()
+        named = [(Path(path).name, path) for path in (_file_path(upload) for upload in uploads or []) if path]
+        if not named:
+            raise InputError("No files were uploaded. Choose chest X-ray images or DICOM files, or a zip of them.")
+        if len(named) > MAX_BATCH_UPLOADS:
+            raise InputError(f"{len(named)} files were uploaded; a batch takes at most {MAX_BATCH_UPLOADS} uploads "
+                             f"and reads {MAX_BATCH_FILES} X-rays. Split them into smaller batches.")
+        with tempfile.TemporaryDirectory(prefix="cxr-batch-") as workdir:
+            entries = expand_batch(named, Path(workdir))
+            rows = []
+            for done, entry in enumerate(entries):
+                if progress is not None:
+                    progress((done, len(entries)), desc="Classifying", unit="files")
+                if entry.path is None:
+                    rows.append(result_row(self._require().labels, entry.name, error=entry.error))
+                else:
+                    rows.append(self.classify_row(entry.name, entry.path))
+        return rows
 
 
 def upload_note(delete_cache: tuple[int, int], fair_use: FairUse) -> str:
@@ -355,6 +464,169 @@ def upload_note(delete_cache: tuple[int, int], fair_use: FairUse) -> str:
     return note
 
 
+class Endpoints:
+    """The functions behind the page and the API: each runs under its client's fair-use slot and reaches the user
+    as a sentence (`_as_user_error`). The `*_ui` variants are the page's private events."""
+
+    def __init__(self, app: CxrDemo, fair_use: FairUse, limiter: Any, batch_dir: Path) -> None:
+        self.app, self.fair_use, self.limiter, self.batch_dir = app, fair_use, limiter, batch_dir
+
+    @_as_user_error("reading the image and predicting")
+    def predict(self, file: str, request: gr.Request) -> tuple[dict[str, float], str]:
+        with self.limiter.slot(self.fair_use.key(request), PREDICT):
+            return self.app.predict(file)
+
+    @_as_user_error("computing the saliency map")
+    def explain(
+        self, file: str, method: str, target: str, opacity: float, request: gr.Request,
+        progress=gr.Progress(),  # noqa: B008
+    ) -> tuple[Image.Image, str, SaliencyView]:
+        kind = GRAD_CAM_MAP if method in (None, "", GRAD_CAM) else SLOW_MAP
+        opacity = DEFAULT_OPACITY if opacity is None else opacity
+        with self.limiter.slot(self.fair_use.key(request), kind):
+            view = self.app.attribution(file, method, target, progress)
+        return self.app.render(file, view, opacity), self.app.explanation(view), view
+
+    @_as_user_error("classifying the batch")
+    def predict_batch(
+        self, files: list[str] | None, request: gr.Request, progress=gr.Progress()  # noqa: B008
+    ) -> tuple[Any, str]:
+        import pandas as pd
+
+        with self.limiter.slot(self.fair_use.key(request), BATCH):
+            rows = self.app.slow_maps.run(self.app.predict_batch, files, progress)
+        return pd.DataFrame(rows, columns=columns(self.app._require().labels)), self._write_csv(rows)
+
+    def _write_csv(self, rows: list[dict[str, str]]) -> str:
+        """The batch's CSV in a fresh folder of the app's own; gradio copies it into its cache (deleted on the
+        retention schedule), and folders older than a minute are removed here."""
+        remove_older_than(self.batch_dir, 60.0)
+        folder = Path(tempfile.mkdtemp(dir=self.batch_dir))
+        path = folder / "cxr_predictions.csv"
+        path.write_text(rows_csv(rows, self.app._require().labels), encoding="utf-8")
+        return str(path)
+
+    def predict_ui(self, file: str | None, request: gr.Request):
+        if file is None:
+            return None, "", None
+        scores, summary = self.predict(file, request)
+        return scores, summary, self._input_image(file)
+
+    @_as_user_error("showing the image")
+    def _input_image(self, file: str) -> Image.Image:
+        return self.app.input_image(file)
+
+    def explain_ui(self, file: str | None, method: str, target: str, opacity: float, request: gr.Request,
+                   progress=gr.Progress()):  # noqa: B008
+        return (None, "", None) if file is None else self.explain(file, method, target, opacity, request, progress)
+
+    @_as_user_error("drawing the saliency map")
+    def redraw_ui(self, file: str | None, view: SaliencyView | None, opacity: float):
+        """Another opacity: the kept map drawn again, nothing recomputed."""
+        return gr.skip() if file is None or view is None else self.app.render(file, view, opacity)
+
+    def reading_ui(self, scores: dict[str, float] | None, prevalence_percent: float) -> str:
+        label = max(scores, key=scores.get) if isinstance(scores, dict) and scores else None
+        return self.app.prevalence_reading(label, float(prevalence_percent) / 100)
+
+
+def _analyse_tab(app: CxrDemo, endpoints: Endpoints, labels: list[str], upload_text: str) -> None:
+    from .prevalence import DEFAULT_PREVALENCE
+    from .saliency import colour_bar_html
+
+    with gr.Row():
+        with gr.Column(scale=1):
+            file = gr.File(label="Frontal chest X-ray: PNG, JPEG, BMP, TIFF or DICOM",
+                           file_types=list(ACCEPTED_SUFFIXES), type="filepath", elem_id="xray-file")
+            gr.Markdown(upload_text, elem_id="upload-note")
+            analyse = gr.Button("Analyse", variant="primary")
+            examples = sorted(p for p in app.examples_dir.glob("*") if p.suffix.lower() in ACCEPTED_SUFFIXES)
+            if examples:
+                gr.Examples([[str(path)] for path in examples], inputs=[file],
+                            label="Examples (public X-rays; credits in examples/CREDITS.md)")
+        with gr.Column(scale=1):
+            label = gr.Label(num_top_classes=len(labels), label="Probabilities")
+            summary = gr.Markdown(label="Summary", elem_id="summary")
+            prevalence = gr.Slider(
+                0.5, 50, value=100 * DEFAULT_PREVALENCE, step=0.5, label="Prevalence of the predicted class (%)",
+                info="How common this class is among the films where you would use the model (default 5%).",
+                elem_id="prevalence",
+            )
+            reading_text = gr.Markdown(elem_id="prevalence-reading")
+    with gr.Row():
+        method = gr.Radio(list(METHODS), value=GRAD_CAM, label="Saliency method",
+                          info="Grad-CAM: fast, coarse. Integrated Gradients and Occlusion: finer, ~10-20 s.")
+        target = gr.Dropdown([PREDICTED, *labels], value=PREDICTED, label="Explain the score of")
+        opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Overlay opacity",
+                            elem_id="opacity")
+    with gr.Row():
+        original = gr.Image(format="png", type="pil", label="Your image", interactive=False, elem_id="input-image")
+        with gr.Column():
+            overlay = gr.Image(format="png", type="pil", label="Saliency overlay", interactive=False,
+                               elem_id="overlay")
+            gr.HTML(colour_bar_html(), elem_id="colour-bar")
+    note = gr.Markdown(label="How to read the map", elem_id="explain-note")
+    view = gr.State(None)
+
+    # Separate queues: a prediction never waits behind a saliency map. Two predictions at a time (~0.15 s each).
+    # Maps: three at a time, but the slow ones (5-20 s) run one by one in the low-priority worker, so a Grad-CAM
+    # map (~0.5 s) waits behind them only when three clients ask for slow maps at once (each may have one).
+    fast = {"concurrency_limit": 2, "concurrency_id": "predict"}
+    maps = {"concurrency_limit": 3, "concurrency_id": "explain"}
+    private = {"api_visibility": "private"}
+    map_inputs, map_outputs = [file, method, target, opacity], [overlay, note, view]
+    analyse.click(endpoints.predict, [file], [label, summary], api_name="predict", **fast).success(
+        endpoints.explain, map_inputs, map_outputs, api_name="explain", **maps
+    )
+    upload = file.change(endpoints.predict_ui, [file], [label, summary, original], **private, **fast)
+    upload.success(endpoints.explain_ui, map_inputs, map_outputs, **private, **maps)
+    gr.on([label.change, prevalence.change], endpoints.reading_ui, [label, prevalence], [reading_text],
+          **private, **fast)
+    gr.on([method.change, target.change], endpoints.explain_ui, map_inputs, map_outputs, **private, **maps)
+    opacity.change(endpoints.redraw_ui, [file, view, opacity], [overlay], trigger_mode="always_last", **private,
+                   **fast)
+
+
+def _batch_tab(endpoints: Endpoints, labels: list[str]) -> None:
+    gr.Markdown(
+        f"Classify up to {MAX_BATCH_FILES} X-rays at once: choose several files, or a zip of PNG, JPEG, BMP, TIFF, "
+        "WebP or DICOM "
+        "files (each file up to the single-upload limit; zips are unpacked on the server into a private folder "
+        "that is deleted as soon as the batch is done). A file that cannot be read gets its reason in its row; "
+        "the others still run. Also an API endpoint: `/predict_batch`."
+    )
+    # No file_types: gradio would refuse the whole batch for one file of another type; here it gets its own row.
+    files = gr.File(label="X-rays, DICOM files or a zip", file_count="multiple", type="filepath",
+                    elem_id="batch-files")
+    run = gr.Button("Classify all", variant="primary", elem_id="batch-run")
+    table = gr.Dataframe(headers=columns(labels), interactive=False, wrap=True, label="Results",
+                         elem_id="batch-table")
+    csv_file = gr.File(label="Results as CSV", interactive=False, elem_id="batch-csv")
+    run.click(endpoints.predict_batch, [files], [table, csv_file], api_name="predict_batch",
+              concurrency_limit=1, concurrency_id="batch")
+
+
+def _report_tab(app: CxrDemo) -> None:
+    from . import report_view
+
+    report = app.report
+    if report is None:
+        gr.Markdown(report_view.no_report_markdown(app.classifier.source if app.classifier else "none"),
+                    elem_id="report-missing")
+        return
+    gr.Markdown(report_view.summary_markdown(report), elem_id="report-summary")
+    with gr.Row():
+        gr.Markdown(report_view.confusion_markdown(report))
+        for path, caption in report.figures()[:2]:
+            gr.Image(str(path), label=caption, show_label=False, interactive=False, buttons=["fullscreen"])
+    gr.Markdown(report_view.calibration_markdown(report))
+    for path, caption in report.figures()[2:]:
+        gr.Image(str(path), label=caption, show_label=False, interactive=False, buttons=["fullscreen"],
+                 height=420)
+    gr.Markdown(report_view.sources_markdown(report), elem_id="report-sources")
+    gr.Markdown(report_view.audit_markdown(report), elem_id="report-audit")
+
+
 def build_demo(
     model: str | None = None,
     revision: str | None = None,
@@ -363,7 +635,9 @@ def build_demo(
     delete_cache: tuple[int, int] | None = None,
     fair_use: FairUse | None = None,
 ):
-    """The Blocks UI around a `CxrDemo` (loaded from `model`/env/the default under `home` unless one is given).
+    """The Blocks UI around a `CxrDemo` (loaded from `model`/env/the default under `home` unless one is given):
+    an "Analyse" tab (one X-ray: probabilities, predictive values at a chosen prevalence, saliency), a "Batch" tab
+    and the checkpoint's "Model report".
 
     `delete_cache`: (frequency, age) in seconds, default $CNN_LSTM_DELETE_CACHE or every 5 min, older than 10 min
     (cxr_app/retention.py). `fair_use`: the per-client limits, default `FairUse.from_env()` (cxr_app/limits.py).
@@ -373,73 +647,32 @@ def build_demo(
     delete_cache = delete_cache_setting(delete_cache)
     fair_use = fair_use or FairUse.from_env()
     limiter = fair_use.limiter()
-
-    @_as_user_error("reading the image and predicting")
-    def predict(file: str, request: gr.Request) -> tuple[dict[str, float], str]:
-        with limiter.slot(fair_use.key(request), PREDICT):
-            return app.predict(file)
-
-    @_as_user_error("computing the saliency map")
-    def explain(
-        file: str, method: str, target: str, request: gr.Request, progress=gr.Progress()  # noqa: B008
-    ) -> tuple[Image.Image, str]:
-        kind = GRAD_CAM_MAP if method in (None, "", GRAD_CAM) else SLOW_MAP
-        with limiter.slot(fair_use.key(request), kind):
-            return app.explain(file, method, target, progress)
-
-    def predict_ui(file: str | None, request: gr.Request):
-        return (None, "") if file is None else predict(file, request)
-
-    def explain_ui(file: str | None, method: str, target: str, request: gr.Request, progress=gr.Progress()):  # noqa: B008
-        return (None, "") if file is None else explain(file, method, target, request, progress)
+    batch_dir = Path(tempfile.mkdtemp(prefix="cxr-batch-results-"))  # the batches' CSVs before gradio copies them
+    atexit.register(shutil.rmtree, batch_dir, ignore_errors=True)
+    endpoints = Endpoints(app, fair_use, limiter, batch_dir)
 
     with gr.Blocks(title="CNN-LSTM chest X-ray classifier (research demo)", delete_cache=delete_cache) as demo:
         gr.Markdown("# CNN-LSTM chest X-ray classifier: COVID-19 / Normal / Pneumonia")
         gr.Markdown(f"> ⚠️ {DISCLAIMER}", elem_id="disclaimer")
         gr.Markdown(app.status, elem_id="model-status")
-        with gr.Row():
-            with gr.Column(scale=1):
-                file = gr.File(label="Frontal chest X-ray: PNG, JPEG, BMP, TIFF or DICOM",
-                               file_types=list(ACCEPTED_SUFFIXES), type="filepath", elem_id="xray-file")
-                gr.Markdown(upload_note(delete_cache, fair_use), elem_id="upload-note")
-                method = gr.Radio(list(METHODS), value=GRAD_CAM, label="Saliency method",
-                                  info="Grad-CAM: fast, coarse. Integrated Gradients and Occlusion: finer, ~10 s.")
-                target = gr.Dropdown([PREDICTED, *labels], value=PREDICTED, label="Explain the score of")
-                analyse = gr.Button("Analyse", variant="primary")
-                examples = sorted(p for p in app.examples_dir.glob("*") if p.suffix.lower() in ACCEPTED_SUFFIXES)
-                if examples:
-                    gr.Examples([[str(path)] for path in examples], inputs=[file],
-                                label="Examples (public X-rays; credits in examples/CREDITS.md)")
-            with gr.Column(scale=1):
-                label = gr.Label(num_top_classes=len(labels), label="Probabilities")
-                summary = gr.Markdown(label="Summary", elem_id="summary")
-                overlay = gr.Image(format="png", type="pil", label="Saliency overlay", interactive=False,
-                                   elem_id="overlay")
-                note = gr.Markdown(label="How to read the map", elem_id="explain-note")
+        with gr.Tabs():
+            with gr.Tab("Analyse an X-ray", id="analyse"):
+                _analyse_tab(app, endpoints, labels, upload_note(delete_cache, fair_use))
+            with gr.Tab("Batch", id="batch", elem_id="batch-tab"):
+                _batch_tab(endpoints, labels)
+            with gr.Tab("Model report", id="report", elem_id="report-tab"):
+                _report_tab(app)
         gr.Markdown(
             "Network: Islam, Islam & Asraf (2020), *A combined deep CNN-LSTM network for the detection of novel "
             "coronavirus (COVID-19) using X-ray images*. Inputs are checked for size, format and whether they look "
             "like a frontal chest radiograph; the check is a heuristic and warns rather than refuses."
         )
-        # Separate queues: a prediction never waits behind a saliency map. Two predictions at a time (~0.15 s each).
-        # Maps: three at a time, but the slow ones (5-15 s) run one by one in the low-priority worker, so a Grad-CAM
-        # map (~0.5 s) waits behind them only when three clients ask for slow maps at once (each may have one).
-        predict_options = {"concurrency_limit": 2, "concurrency_id": "predict"}
-        explain_options = {"concurrency_limit": 3, "concurrency_id": "explain"}
-        analyse.click(predict, [file], [label, summary], api_name="predict", **predict_options).success(
-            explain, [file, method, target], [overlay, note], api_name="explain", **explain_options
-        )
-        file.change(predict_ui, [file], [label, summary], api_visibility="private", **predict_options).success(
-            explain_ui, [file, method, target], [overlay, note], api_visibility="private", **explain_options
-        )
-        gr.on([method.change, target.change], explain_ui, [file, method, target], [overlay, note],
-              api_visibility="private", **explain_options)
-    protect_build_time_files(demo)  # the examples' cached copies stay; only what users sent is deleted
+    protect_build_time_files(demo)  # the examples' and the report's cached copies stay; only users' files go
     demo.queue(default_concurrency_limit=1, max_size=64)
     if fair_use.enabled:
         limit_waiting_per_client(demo, lambda request, session: fair_use.key(request), fair_use.max_waiting)
     demo.cxr_app = app  # for tests and scripts
-    demo.fair_use, demo.limiter = fair_use, limiter
+    demo.fair_use, demo.limiter, demo.batch_dir = fair_use, limiter, endpoints.batch_dir
     return demo
 
 

@@ -38,7 +38,7 @@ from typing import Any
 ENV_PROXY_HOPS = "CNN_LSTM_PROXY_HOPS"
 ENV_RATE_LIMITS = "CNN_LSTM_RATE_LIMITS"  # "off" disables the per-client limits (a private deployment, a benchmark)
 ENV_SLOW_MAP_NICE = "CNN_LSTM_SLOW_MAP_NICE"  # niceness added to the slow-map thread; 0 runs them in the caller
-PREDICT, GRAD_CAM_MAP, SLOW_MAP = "predict", "grad-cam", "slow-map"
+PREDICT, GRAD_CAM_MAP, SLOW_MAP, BATCH = "predict", "grad-cam", "slow-map", "batch"
 logger = logging.getLogger(__name__)
 
 
@@ -206,11 +206,13 @@ def default_proxy_hops() -> int:
 def default_limits() -> dict[str, Limit]:
     """Per user: 60 predictions a minute (a person needs a few), 30 Grad-CAM maps a minute (~0.5 s each), and
     3 Integrated Gradients / Occlusion maps per 2 minutes, one at a time (5-15 s of CPU each: one user then holds
-    the saliency worker at most ~25% of the time)."""
+    the saliency worker at most ~25% of the time), and 3 batches (up to 50 images, ~5-15 s) per 5 minutes, one at a
+    time (a batch runs in the same low-priority worker as the slow maps)."""
     return {
         PREDICT: Limit(60, 60.0, what="predictions"),
         GRAD_CAM_MAP: Limit(30, 60.0, what="Grad-CAM maps"),
         SLOW_MAP: Limit(3, 120.0, in_flight=1, what="Integrated Gradients or Occlusion maps"),
+        BATCH: Limit(3, 300.0, in_flight=1, what="batches"),
     }
 
 
@@ -300,5 +302,5 @@ class LowPriorityWorker:
         return self._executor.submit(context.run, function, *args, **kwargs).result()
 
 
-__all__ = ["FairUse", "GRAD_CAM_MAP", "Limit", "LowPriorityWorker", "PREDICT", "RateLimited", "RateLimiter",
+__all__ = ["BATCH", "FairUse", "GRAD_CAM_MAP", "Limit", "LowPriorityWorker", "PREDICT", "RateLimited", "RateLimiter",
            "SLOW_MAP", "client_key", "default_limits", "default_proxy_hops", "limit_waiting_per_client", "request_key"]

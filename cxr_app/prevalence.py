@@ -42,18 +42,31 @@ def class_rates(checkpoint: str | Path) -> dict[str, ClassRates] | None:
     """Per-class test sensitivity/specificity from `<checkpoint>/report/metrics.json`, or None without a report."""
     path = Path(checkpoint) / "report" / "metrics.json"
     try:
-        per_class = json.loads(path.read_text(encoding="utf-8"))["metrics"]["per_class"]
+        return rates_from_metrics(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return None
+
+
+def rates_from_metrics(data: dict) -> dict[str, ClassRates] | None:
+    """Per-class sensitivity/specificity from a loaded metrics.json, or None when it lacks them."""
+    try:
+        per_class = data["metrics"]["per_class"]
         return {label: ClassRates(float(rates["sensitivity"]), float(rates["specificity"]))
                 for label, rates in per_class.items()}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError, ValueError):
         return None
+
+
+def percent_text(fraction: float) -> str:
+    """0.05 -> "5%", 0.005 -> "0.5%", NaN -> "n/a" (a prevalence slider goes below 1%)."""
+    return "n/a" if math.isnan(fraction) else f"{100 * fraction:.2g}%" if fraction < 0.1 else f"{100 * fraction:.0f}%"
 
 
 def reading(label: str, rates: ClassRates, prevalence: float) -> str:
     """One sentence for the page next to the prediction."""
     ppv, npv = predictive_values(rates.sensitivity, rates.specificity, prevalence)
     return (
-        f"At a {prevalence:.0%} prevalence of {label}, a {label} call by this model is right about {ppv:.0%} of the "
-        f"time (PPV) and a not-{label} call about {npv:.0%} (NPV), from its test sensitivity "
-        f"{rates.sensitivity:.0%} and specificity {rates.specificity:.0%}."
+        f"At a {percent_text(prevalence)} prevalence of {label}, a {label} call by this model is right about "
+        f"{percent_text(ppv)} of the time (PPV) and a not-{label} call about {percent_text(npv)} (NPV), from its "
+        f"test sensitivity {percent_text(rates.sensitivity)} and specificity {percent_text(rates.specificity)}."
     )

@@ -126,4 +126,26 @@ def lifespan(upload_dir: Callable[[], str | Path], delete_cache: tuple[int, int]
 
 
 __all__ = ["DELETE_CACHE", "ENV_DELETE_CACHE", "delete_cache_setting", "lifespan", "protect_build_time_files",
+           "remove_older_than",
            "retention_seconds", "retention_text", "sweep_partial_uploads"]
+
+
+def remove_older_than(folder: Path, age: float, now: float | None = None) -> int:
+    """Delete the entries of `folder` not modified for `age` seconds (the app's own batch results, once gradio
+    has copied them into its cache); returns how many were removed."""
+    import shutil
+
+    now = time.time() if now is None else now
+    removed = 0
+    for entry in list(Path(folder).iterdir()) if Path(folder).is_dir() else []:
+        try:
+            if now - entry.lstat().st_mtime < age:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed += 1
+        except FileNotFoundError:
+            continue
+    return removed

@@ -220,11 +220,23 @@ def colourise(values: np.ndarray) -> np.ndarray:
     return _ANCHORS[low] * (1 - fraction) + _ANCHORS[low + 1] * fraction
 
 
+UNCOLOURED_BELOW = 0.15  # of the image's strongest attribution: weaker areas keep the plain X-ray
+FULL_COLOUR_AT = 0.5  # from here up the colour has the chosen opacity; between the two it fades in
+DEFAULT_OPACITY = 0.65
+
+
 def render_overlay(
-    display: np.ndarray, saliency: np.ndarray | None, resize_mode: str = "stretch", max_side: int = 768
+    display: np.ndarray,
+    saliency: np.ndarray | None,
+    resize_mode: str = "stretch",
+    max_side: int = 768,
+    opacity: float = DEFAULT_OPACITY,
 ) -> Image.Image:
     """The X-ray (HxW or HxWx3 uint8) with the map blended in, at the input's aspect ratio (longer side <= 768).
-    Weak areas stay plain grey so the anatomy under the strong ones is still visible."""
+    Areas under `UNCOLOURED_BELOW` of the peak stay plain grey, so "uncoloured = mattered little" holds and the
+    anatomy under the strong areas stays visible; `opacity` (0-1) is the colour's weight where the map is strong."""
+    if not 0.0 <= opacity <= 1.0:
+        raise ValueError(f"opacity must be in [0, 1], got {opacity!r}")
     height, width = display.shape[:2]
     scale = min(1.0, max_side / max(height, width))
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
@@ -232,10 +244,26 @@ def render_overlay(
     if saliency is None:
         return base
     values = map_to_image(saliency, size[1], size[0], resize_mode)
-    alpha = (0.65 * np.clip((values - 0.1) / 0.4, 0.0, 1.0))[..., None]
+    ramp = np.clip((values - UNCOLOURED_BELOW) / (FULL_COLOUR_AT - UNCOLOURED_BELOW), 0.0, 1.0)
+    alpha = (opacity * ramp)[..., None]
     blended = np.asarray(base, dtype=np.float32) * (1 - alpha) + colourise(values) * alpha
     return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
 
+
+def colour_bar_html(meaning: str = "the model's attribution, relative to the strongest area of this image") -> str:
+    """The overlay's legend: the colour scale from `UNCOLOURED_BELOW` to the peak (the colours `render_overlay`
+    uses), and what the uncoloured areas mean."""
+    stops = ", ".join(
+        "rgb({},{},{}) {:.0f}%".format(*np.rint(colourise(np.float32(value))).astype(int), 100 * index / 10)
+        for index, value in enumerate(np.linspace(UNCOLOURED_BELOW, 1.0, 11))
+    )
+    return (
+        '<div class="cxr-colour-bar" style="font-size:0.85em">'
+        f'<div style="height:14px;border-radius:3px;background:linear-gradient(to right, {stops})"></div>'
+        '<div style="display:flex;justify-content:space-between"><span>weak</span><span>strongest</span></div>'
+        f"<div>Colour: {meaning}. Areas below {UNCOLOURED_BELOW:.0%} of the strongest are left uncoloured: they "
+        "mattered little.</div></div>"
+    )
 
 __all__ = [
     "GRAD_CAM",
@@ -246,6 +274,9 @@ __all__ = [
     "HeadOnly",
     "SaliencySettings",
     "colourise",
+    "colour_bar_html",
+    "DEFAULT_OPACITY",
+    "UNCOLOURED_BELOW",
     "map_to_image",
     "render_overlay",
 ]

@@ -193,3 +193,25 @@ def tiny_app_url(
     make_checkpoint(home / "checkpoint")
     with app_server(home / "checkpoint", home) as url:
         yield url
+
+
+SHIPPED_REPORT = Path(__file__).resolve().parents[2] / "checkpoints" / "cnn-lstm-cxr3" / "report"
+
+
+@pytest.fixture(scope="module")
+def reported_checkpoint(make_checkpoint: Callable, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint carrying a copy of the shipped model's report/ (same three labels): the report tab and the
+    prevalence reading get real numbers without loading the 17.8 M-parameter model."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("reported") / "checkpoint"
+    make_checkpoint(folder)
+    shutil.copytree(SHIPPED_REPORT, folder / "report")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reported_app_url(app_server: Callable, reported_checkpoint: Path) -> Iterator[str]:
+    """`reported_checkpoint` served by `python app.py` for the test module; the URL."""
+    with app_server(reported_checkpoint, reported_checkpoint.parent) as url:
+        yield url

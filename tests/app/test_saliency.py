@@ -11,7 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxr_app.saliency import METHODS, Explainer, map_to_image, render_overlay
+from cxr_app.saliency import (
+    METHODS,
+    UNCOLOURED_BELOW,
+    Explainer,
+    colour_bar_html,
+    colourise,
+    map_to_image,
+    render_overlay,
+)
 from modeling_cnn_lstm import CnnLstmForImageClassification, CnnLstmLogits
 
 
@@ -118,6 +126,33 @@ def test_overlay_maps_back_to_the_image(resize_mode):
 def test_large_images_are_shown_at_most_768_px():
     overlay = render_overlay(np.zeros((2000, 1000), np.uint8), np.ones((32, 32), np.float32))
     assert overlay.size == (384, 768)
+
+
+def test_weak_areas_stay_uncoloured_and_opacity_scales_the_colour():
+    """A ramp from 0 to 1 across the image: below UNCOLOURED_BELOW the pixels are the X-ray's own grey at any opacity;
+    at the peak the colour's weight is the opacity (0 = the plain X-ray, 1 = the pure colour)."""
+    grey = np.full((40, 200), 90, np.uint8)
+    ramp = np.tile(np.linspace(0.0, 1.0, 200, dtype=np.float32), (40, 1))
+    values = map_to_image(ramp, 40, 200)
+    weak = values < UNCOLOURED_BELOW
+    assert 20 < weak[0].sum() < 40  # the first ~15% of the columns
+    for opacity in (0.3, 0.65, 1.0):
+        overlay = np.asarray(render_overlay(grey, ramp, opacity=opacity), np.float64)
+        assert (overlay[weak] == 90).all()
+        peak = colourise(np.float32(1.0))
+        expected = 90 * (1 - opacity) + peak * opacity
+        assert np.abs(overlay[:, -1] - expected).max() <= 1.0
+    assert (np.asarray(render_overlay(grey, ramp, opacity=0.0)) == 90).all()
+    with pytest.raises(ValueError, match="opacity"):
+        render_overlay(grey, ramp, opacity=1.5)
+
+
+def test_colour_bar_shows_the_overlays_colours_and_says_what_uncoloured_means():
+    html = colour_bar_html("how much each area raised the score")
+    low = "rgb({},{},{}) 0%".format(*np.rint(colourise(np.float32(UNCOLOURED_BELOW))).astype(int))
+    high = "rgb({},{},{}) 100%".format(*np.rint(colourise(np.float32(1.0))).astype(int))
+    assert low in html and high in html
+    assert "how much each area raised the score" in html and f"below {UNCOLOURED_BELOW:.0%}" in html
 
 
 def test_occlusion_uses_the_given_no_grad_path_and_gives_the_same_map(tmp_path, make_checkpoint):

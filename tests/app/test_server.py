@@ -33,9 +33,11 @@ def assert_serving(client, xray: Path) -> None:
 
 def test_named_endpoints(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {"/predict", "/explain"} <= set(endpoints)
-    explain_parameters = [parameter["parameter_name"] for parameter in endpoints["/explain"]["parameters"]]
-    assert explain_parameters == ["file", "method", "target"]
+    assert {"/predict", "/explain", "/predict_batch"} <= set(endpoints)
+    explain_parameters = {parameter["parameter_name"]: parameter for parameter in endpoints["/explain"]["parameters"]}
+    assert list(explain_parameters) == ["file", "method", "target", "opacity"]
+    assert explain_parameters["opacity"]["parameter_has_default"]  # older clients send three values; still works
+    assert [parameter["parameter_name"] for parameter in endpoints["/predict_batch"]["parameters"]] == ["files"]
 
 
 def test_predict_and_explain_a_real_xray(client, example_xrays):

@@ -1,0 +1,113 @@
+"""The README's screenshot of the app: the shipped model served by `python app.py`, one example X-ray analysed, the
+page captured with Debian's Chromium (Playwright, no `playwright install`) and saved as a palette PNG.
+
+    python scripts/screenshot_app.py [--output docs/app.png] [--example examples/NAME] [--tab analyse|report]
+
+Offline: the app runs with HF_HUB_OFFLINE=1 and fair-use limits off. Fails (exit 1) if the PNG is 300 KB or more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
+MAX_BYTES = 300 * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve(home: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CNN_LSTM_RATE_LIMITS": "off", "GRADIO_ANALYTICS_ENABLED": "False",
+           "GRADIO_TEMP_DIR": str(home / "gradio")}
+    log = (home / "server.log").open("w")
+    process = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=REPO_ROOT, env=env,
+                               stdout=log, stderr=subprocess.STDOUT)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"app.py exited:\n{(home / 'server.log').read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url + "/config", timeout=5):
+                return process, url
+        except OSError:
+            time.sleep(0.5)
+    process.terminate()
+    raise SystemExit("app.py did not start within 300 s")
+
+
+def capture(url: str, example: Path, tab: str, width: int) -> bytes:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        page = browser.new_page(viewport={"width": width, "height": 1000}, device_scale_factor=1)
+        page.goto(url, wait_until="load", timeout=60_000)  # not networkidle: a heartbeat request stays open
+        page.locator("#disclaimer").wait_for(timeout=60_000)
+        if tab == "report":
+            page.get_by_role("tab", name="Model report").click()
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('#report-tab img')].filter(i => i.complete && i.naturalWidth)"
+                ".length >= 3", timeout=60_000)
+        else:
+            page.locator("#xray-file input[type=file]").set_input_files(str(example))
+            page.wait_for_function(
+                "() => { const i = document.querySelector('#overlay img'); return i && i.complete && i.naturalWidth"
+                " && document.querySelector('#prevalence-reading').innerText.includes('PPV'); }", timeout=180_000)
+            page.wait_for_timeout(500)  # the last progress bar fades
+        png = page.screenshot(full_page=True)
+        browser.close()
+    return png
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default="docs/app.png")
+    parser.add_argument("--example", default="examples/covid19-ieee8023-1760ae794275.jpg",
+                        help="an X-ray to analyse (default: a COVID-19 example)")
+    parser.add_argument("--tab", choices=("analyse", "report"), default="analyse")
+    parser.add_argument("--width", type=int, default=1200)
+    args = parser.parse_args()
+    example = Path(args.example)
+    if not example.is_file():
+        candidates = sorted((REPO_ROOT / "examples").glob("covid19-*"))
+        if not candidates:
+            raise SystemExit(f"{example} not found")
+        example = candidates[0]
+    with tempfile.TemporaryDirectory(prefix="cxr-screenshot-") as home:
+        process, url = serve(Path(home))
+        try:
+            png = capture(url, example.resolve(), args.tab, args.width)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    image = image.quantize(colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", optimize=True)
+    output.write_bytes(buffer.getvalue())
+    print(f"{output}: {image.width}x{image.height}, {len(buffer.getvalue()) / 1024:.0f} KB")
+    return 0 if len(buffer.getvalue()) < MAX_BYTES else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
