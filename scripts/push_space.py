@@ -27,6 +27,7 @@ from train.atomic import DestinationExists, atomic_folder, check_destination
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPACE_CHECKPOINT = Path("checkpoints") / "cnn-lstm-cxr3"
 CHECKPOINT_FILES = ("*.json", "*.safetensors", "*.py", "*.md", "*.txt")  # config, weights, remote code, card
+REPORT_FILES = ("*.json", "*.md", "*.csv", "*.png")  # report/: the app's "Model report" tab and predictive values
 
 
 @dataclass
@@ -69,6 +70,8 @@ def assemble_space(destination: Path, checkpoint: Path | None) -> list[str]:
         if not (checkpoint / "config.json").is_file():
             raise SystemExit(f"{checkpoint} is not a checkpoint folder (no config.json)")
         _copy_files(checkpoint, destination / SPACE_CHECKPOINT, CHECKPOINT_FILES)
+        if (checkpoint / "report").is_dir():
+            _copy_files(checkpoint / "report", destination / SPACE_CHECKPOINT / "report", REPORT_FILES)
     return sorted(str(path.relative_to(destination)) for path in destination.rglob("*") if path.is_file())
 
 

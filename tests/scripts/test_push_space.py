@@ -3,6 +3,7 @@ needs, and the pushed files run on their own (no repository on the path) and ser
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ import pytest
 from tests.hub_standin import HubStandIn, hub_env, run_python
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+SHIPPED_REPORT = REPO_ROOT / "checkpoints" / "cnn-lstm-cxr3" / "report"
 pytestmark = pytest.mark.slow
 SPACE = "standin-user/cnn-lstm-demo"
 
@@ -54,10 +56,12 @@ def test_space_without_checkpoint(hub_standin, tmp_path):
 
 def test_space_with_checkpoint_runs_on_its_own(hub_standin, tmp_path, make_checkpoint):
     make_checkpoint(tmp_path / "final")
+    shutil.copytree(SHIPPED_REPORT, tmp_path / "final" / "report")  # the model's report travels with it
     push(hub_standin, tmp_path, "--checkpoint", str(tmp_path / "final"))
     files = hub_standin.list_files(SPACE, "space")
     assert {"checkpoints/cnn-lstm-cxr3/config.json", "checkpoints/cnn-lstm-cxr3/model.safetensors",
             "checkpoints/cnn-lstm-cxr3/preprocessor_config.json"} <= set(files)
+    assert {f"checkpoints/cnn-lstm-cxr3/report/{path.name}" for path in SHIPPED_REPORT.iterdir()} <= set(files)
     assert hub_standin.file_info(SPACE, "checkpoints/cnn-lstm-cxr3/model.safetensors", "space")["lfs"]
     # Pull the Space back and run it as the Space would, with this repository off the path.
     pulled = tmp_path / "pulled"
@@ -77,17 +81,21 @@ def test_space_with_checkpoint_runs_on_its_own(hub_standin, tmp_path, make_check
         print("STATUS", state.status)
         scores, summary = state.predict({str(pulled / "examples" / "normal-nih-a1cfe38864ff.jpg")!r})
         print("LABELS", sorted(scores))
+        print("REPORT", state.report.folder, len(state.report.figures()))
         """
     )
     env = {**hub_env(hub_standin.endpoint, tmp_path / "run-home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     out = run_python(code, env, cwd=pulled)
     assert "STATUS Model:" in out and "checkpoints/cnn-lstm-cxr3" in out
     assert "LABELS ['COVID-19', 'Normal', 'Pneumonia']" in out
+    assert f"REPORT {pulled / 'checkpoints' / 'cnn-lstm-cxr3' / 'report'} 3" in out
 
 
 def test_app_serves_a_hub_model_at_a_revision(hub_standin, tmp_path, make_checkpoint):
-    """`CNN_LSTM_MODEL` + `CNN_LSTM_REVISION` (what --model/--revision set): the app loads a pushed checkpoint."""
+    """`CNN_LSTM_MODEL` + `CNN_LSTM_REVISION` (what --model/--revision set): the app loads a pushed checkpoint, and
+    its report/ comes from the Hub with it."""
     make_checkpoint(tmp_path / "final")
+    shutil.copytree(SHIPPED_REPORT, tmp_path / "final" / "report")
     code = textwrap.dedent(
         f"""
         from huggingface_hub import HfApi
@@ -106,12 +114,14 @@ def test_app_serves_a_hub_model_at_a_revision(hub_standin, tmp_path, make_checkp
         "from cxr_app.demo import CxrDemo\n"
         "app = CxrDemo.from_source()\n"
         "print('STATUS', app.status)\n"
-        f"print('LABELS', sorted(app.predict({str(example)!r})[0]))\n",
+        f"print('LABELS', sorted(app.predict({str(example)!r})[0]))\n"
+        "print('REPORT', app.report.data['num_samples'], len(app.report.figures()))\n",
         env,
         cwd=REPO_ROOT,
     )
     assert f"STATUS Model: `standin-user/tiny-cxr at revision {commit}`" in out
     assert "LABELS ['COVID-19', 'Normal', 'Pneumonia']" in out
+    assert "REPORT 209 3" in out
     assert hub_standin.unknown_requests == []
 
 
