@@ -26,6 +26,7 @@ import contextvars
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -274,7 +275,8 @@ class LowPriorityWorker:
     touches torch, so the OpenMP threads it starts inherit it. Why: a prediction (~0.15 s) beside an Integrated
     Gradients map (~10 s, both CPU cores) otherwise waits for the cores like any other thread; at nice +10 the
     scheduler gives the map ~10% of a contested core and all of an idle one. Calls keep the caller's context
-    variables (gradio's progress bar). `niceness=0`: calls run in the caller's thread, as without this class."""
+    variables (gradio's progress bar) and torch thread count. `niceness=0`: calls run in the caller's thread, as
+    without this class."""
 
     def __init__(self, niceness: int | None = None) -> None:
         if niceness is None:
@@ -299,7 +301,21 @@ class LowPriorityWorker:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="slow-saliency", initializer=self._start)
         context = contextvars.copy_context()
-        return self._executor.submit(context.run, function, *args, **kwargs).result()
+        threads = _torch_threads()
+        return self._executor.submit(context.run, _with_threads, threads, function, *args, **kwargs).result()
+
+
+def _torch_threads() -> int | None:
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else None
+
+
+def _with_threads(threads: int | None, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run with the caller's torch thread count: a thread keeps the count it started with (torch's setting is per
+    thread), so without this the worker would ignore a later `torch.set_num_threads` in the caller."""
+    if threads is not None and _torch_threads() != threads:
+        sys.modules["torch"].set_num_threads(threads)
+    return function(*args, **kwargs)
 
 
 __all__ = ["BATCH", "FairUse", "GRAD_CAM_MAP", "Limit", "LowPriorityWorker", "PREDICT", "RateLimited", "RateLimiter",

@@ -190,6 +190,21 @@ def test_low_priority_worker():
     assert LowPriorityWorker(niceness=0).run(where) == (threading.get_native_id(), base, "caller's")
 
 
+
+def test_low_priority_worker_follows_the_callers_torch_threads():
+    """torch's thread count is per thread: the worker takes the caller's at every call (the benchmark measures 1 and
+    then 2 threads; the maps once ran at the count the worker started with)."""
+    import torch
+
+    before = torch.get_num_threads()
+    worker = LowPriorityWorker(niceness=1)
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            assert worker.run(torch.get_num_threads) == threads
+    finally:
+        torch.set_num_threads(before)
+
 @pytest.mark.slow
 def test_one_client_cannot_fill_the_queue(free_port):
     """A real gradio queue with a slow function: a client's 4th waiting request is refused, another client's is not."""
