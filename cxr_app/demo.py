@@ -14,6 +14,7 @@ installed (non-editable) copy of this package never looks inside site-packages f
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import logging
 import os
@@ -287,7 +288,10 @@ class CxrDemo:
             logger.warning("no model: %s", error)
             return cls(None, str(error), home)
         report = load_report(report_folder(source, revision))
-        return cls(classifier, f"Model: `{classifier.source}`.", home, report)
+        shown = classifier.source  # a folder under the app's home is shown relative to it: no server paths on the page
+        with contextlib.suppress(ValueError):
+            shown = str(Path(classifier.source).resolve().relative_to(app_home(home)))
+        return cls(classifier, f"Model: `{shown}`.", home, report)
 
     def _require(self) -> LoadedClassifier:
         if self.classifier is None:
@@ -525,6 +529,7 @@ class Endpoints:
         """Another opacity: the kept map drawn again, nothing recomputed."""
         return gr.skip() if file is None or view is None else self.app.render(file, view, opacity)
 
+    @_as_user_error("computing the predictive values")
     def reading_ui(self, scores: dict[str, float] | None, prevalence_percent: float) -> str:
         label = max(scores, key=scores.get) if isinstance(scores, dict) and scores else None
         return self.app.prevalence_reading(label, float(prevalence_percent) / 100)

@@ -3,12 +3,14 @@
     python scripts/benchmark_app.py                                   # paper-size model (checkpoint or random init)
     python scripts/benchmark_app.py --model checkpoints/cnn-lstm-cxr3 --threads 2 --slow_repeats 10
     python scripts/benchmark_app.py --fairness                        # 4 users predicting, 2 looping on IG, 60 s
+    python scripts/benchmark_app.py --batch 40 --users 0              # also batch mode: loose files and one zip
 
 Times exactly what the UI calls (`CxrDemo.predict`, `CxrDemo.explain` at the default settings), each on a different
 real X-ray, after one warm-up call: predict, predict + Grad-CAM, predict + Integrated Gradients, predict + Occlusion;
 p50/p95 per torch thread count. Then launches the app on 127.0.0.1 and lets `users` gradio_client users upload
 concurrently (predict then Grad-CAM, like the UI), counting errors. Targets (2-core CPU): predict <= 0.5 s,
-predict + Grad-CAM <= 1.5 s, IG and Occlusion <= 15 s, no errors with 8 users.
+predict + Grad-CAM <= 1.5 s, IG and Occlusion <= 15 s, no errors with 8 users. `--batch N`: `CxrDemo.predict_batch`
+on N real X-rays, as loose files and as one zip, against N single `CxrDemo.predict` calls (the ratio is per image).
 
 `--fairness` instead runs `python app.py` (the shipped checkpoint by default) in its own process with its default
 per-client limits, as behind the Spaces proxy (`CNN_LSTM_PROXY_HOPS=1`, each client its own X-Forwarded-For
@@ -57,6 +59,7 @@ class BenchmarkAppArguments:
     threads: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "torch thread counts to time."})
     fast_repeats: int = field(default=20, metadata={"help": "Timed calls of predict and predict + Grad-CAM."})
     slow_repeats: int = field(default=5, metadata={"help": "Timed calls of predict + IG and predict + Occlusion."})
+    batch: int = field(default=0, metadata={"help": "Also time batch mode on this many X-rays (0: skip)."})
     users: int = field(default=8, metadata={"help": "Concurrent gradio_client users (0: skip the server check)."})
     requests_per_user: int = field(default=2, metadata={"help": "Uploads per user (each: predict, then Grad-CAM)."})
     seed: int = field(default=0, metadata={"help": "Seed of the random weights when there is no checkpoint."})
@@ -363,6 +366,30 @@ def run_fairness(args: BenchmarkAppArguments) -> dict:
     return result
 
 
+def time_batch(app: CxrDemo, images: list[Path], tmp: Path) -> dict:
+    """Seconds per image: N single predictions, one batch of the N files, one batch of a zip of them."""
+    import zipfile
+
+    archive = tmp / "batch.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
+        for index, path in enumerate(images):
+            zipped.write(path, f"{index:03d}-{path.name}")
+    app.predict(str(images[0]))  # warm-up
+    start = time.perf_counter()
+    for path in images:
+        app.predict(str(path))
+    single = (time.perf_counter() - start) / len(images)
+    timings = {"images": len(images), "single_s_per_image": single}
+    for name, uploads in (("files", [str(path) for path in images]), ("zip", [str(archive)])):
+        start = time.perf_counter()
+        rows = app.predict_batch(uploads)
+        elapsed = time.perf_counter() - start
+        assert len(rows) == len(images) and all(row["predicted"] for row in rows), rows[:3]
+        timings[f"batch_{name}_s_per_image"] = elapsed / len(images)
+        timings[f"batch_{name}_total_s"] = elapsed
+    return timings
+
+
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(BenchmarkAppArguments).parse_args_into_dataclasses(args=argv)
     if args.fairness:
@@ -392,6 +419,10 @@ def main(argv: list[str] | None = None) -> dict:
                 rows.append({"threads": threads, "step": step, "n": repeats, "p50_s": p50, "p95_s": p95,
                              "target_s": target, "meets_target": p95 <= target, "predict_backend": backend})
                 print(f"  {threads} thread(s) {step:<34} p50 {p50:6.2f} s  p95 {p95:6.2f} s", flush=True)
+        batch = None
+        if args.batch > 0:
+            torch.set_num_threads(max(args.threads))
+            batch = time_batch(app, real_xrays(args.data_dir, args.batch), Path(tmp))
         server = None
         if args.users > 0:
             torch.set_num_threads(max(args.threads))
@@ -402,13 +433,20 @@ def main(argv: list[str] | None = None) -> dict:
     for row in rows:
         print(f"| {row['threads']} | {row['step']} | {row['n']} | {row['p50_s']:.2f} | {row['p95_s']:.2f} | "
               f"{row['target_s']:g} | {'yes' if row['meets_target'] else 'NO'} |")
+    if batch is not None:
+        single = batch["single_s_per_image"]
+        print(f"\nbatch of {batch['images']} X-rays, {max(args.threads)} thread(s), seconds per image: single "
+              f"predict {single:.3f}; batch of files {batch['batch_files_s_per_image']:.3f} "
+              f"({single / batch['batch_files_s_per_image']:.2f}x), one zip {batch['batch_zip_s_per_image']:.3f} "
+              f"({single / batch['batch_zip_s_per_image']:.2f}x); whole batch {batch['batch_files_total_s']:.1f} s "
+              f"(files), {batch['batch_zip_total_s']:.1f} s (zip)")
     if server is not None:
         print(f"\n{server['users']} concurrent gradio_client users, {server['requests']} uploads (predict + Grad-CAM)"
               f": {server['completed']} completed, {len(server['errors'])} errors, wall {server['wall_s']:.1f} s, "
               f"per-upload p50 {server['p50_s'] or float('nan'):.2f} s, p95 {server['p95_s'] or float('nan'):.2f} s")
         for error in server["errors"][:5]:
             print("  error:", error)
-    results = {"model": description, "settings": vars(settings), "rows": rows, "server": server,
+    results = {"model": description, "settings": vars(settings), "rows": rows, "server": server, "batch": batch,
                "cpu_threads_available": torch.get_num_threads()}
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(results, indent=2))
