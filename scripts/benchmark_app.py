@@ -410,6 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
             classifier = app.classifier
             if classifier.runner is not None:  # the app measures its runner at start-up, for its thread count
                 classifier.runner = classifier.model.fast_cpu_inference()
+                classifier.explainer.no_grad_logits = classifier.runner  # Occlusion too (as load_classifier does)
                 print(f"  {threads} thread(s): predictions on {classifier.runner.backend}: {classifier.runner.reason}")
             for step, target in TARGETS.items():
                 repeats = args.fast_repeats if target <= 1.5 else args.slow_repeats
