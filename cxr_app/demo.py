@@ -343,7 +343,12 @@ class CxrDemo:
         self, file: Any, method: str = GRAD_CAM, target: str = PREDICTED, progress: Callable | None = None
     ) -> SaliencyView:
         """Upload -> the saliency map of `method` for `target` (the predicted class by default)."""
-        classifier, _, pixel_values = self._prepare(file)
+        return self._attribution(file, method, target, progress)[0]
+
+    def _attribution(
+        self, file: Any, method: str, target: str, progress: Callable | None
+    ) -> tuple[SaliencyView, LoadedImage]:
+        classifier, image, pixel_values = self._prepare(file)
         method = method or GRAD_CAM
         if method not in METHODS:
             raise InputError(f"Unknown saliency method {method!r}; choose one of: {', '.join(METHODS)}.")
@@ -359,12 +364,15 @@ class CxrDemo:
             saliency, index = classifier.explainer.attribute(*arguments)
         else:  # 5-15 s of both cores: at a lower priority, so predictions beside it stay fast
             saliency, index = self.slow_maps.run(classifier.explainer.attribute, *arguments)
-        return SaliencyView(saliency, method, classifier.labels[index])
+        return SaliencyView(saliency, method, classifier.labels[index]), image
 
-    def render(self, file: Any, view: SaliencyView, opacity: float = DEFAULT_OPACITY) -> Image.Image:
-        """The map drawn over the upload at the input's aspect ratio; weak areas stay uncoloured."""
+    def render(
+        self, file: Any, view: SaliencyView, opacity: float = DEFAULT_OPACITY, image: LoadedImage | None = None
+    ) -> Image.Image:
+        """The map drawn over the upload (`image`: the upload already read) at the input's aspect ratio; weak areas
+        stay uncoloured."""
         classifier = self._require()
-        image = read_upload_cached(_file_path(file))
+        image = image if image is not None else read_upload_cached(_file_path(file))
         if not (isinstance(opacity, (int, float)) and 0.0 <= opacity <= 1.0):
             raise InputError(f"The overlay opacity must be between 0 and 1, got {opacity!r}.")
         return render_overlay(image.display_uint8(), view.saliency, classifier.processor.resize_mode,
@@ -405,8 +413,8 @@ class CxrDemo:
         opacity: float = DEFAULT_OPACITY,
     ) -> tuple[Image.Image, str]:
         """Upload -> (the saliency overlay at the input's aspect ratio, a sentence on how to read it)."""
-        view = self.attribution(file, method, target, progress)
-        return self.render(file, view, opacity), self.explanation(view)
+        view, image = self._attribution(file, method, target, progress)
+        return self.render(file, view, opacity, image), self.explanation(view)
 
     def prevalence_reading(self, label: str | None, prevalence: float) -> str:
         """PPV/NPV of a `label` call at `prevalence` (0-1) from the checkpoint's test sensitivity and specificity."""
@@ -488,8 +496,8 @@ class Endpoints:
         kind = GRAD_CAM_MAP if method in (None, "", GRAD_CAM) else SLOW_MAP
         opacity = DEFAULT_OPACITY if opacity is None else opacity
         with self.limiter.slot(self.fair_use.key(request), kind):
-            view = self.app.attribution(file, method, target, progress)
-        return self.app.render(file, view, opacity), self.app.explanation(view), view
+            view, image = self.app._attribution(file, method, target, progress)
+        return self.app.render(file, view, opacity, image), self.app.explanation(view), view
 
     @_as_user_error("classifying the batch")
     def predict_batch(
