@@ -51,6 +51,7 @@ _ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")  # signature, size, versions, disks, e
 _CENTRAL_ENTRY = 46  # fixed part of a central directory entry; its name, extra, comment lengths sit at byte 28
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")  # first member, empty archive, spanning marker
 _ARCHIVE_SUFFIXES = (".zip", ".7z", ".rar", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".zst")
+_ZIP_DOCUMENTS = (".docx", ".xlsx", ".pptx", ".odt", ".ods", ".odp", ".epub", ".jar", ".apk")  # zip containers
 _CLUTTER = ("thumbs.db", "desktop.ini", "dicomdir")  # Windows' thumbnails and settings; a DICOM export's index
 _KINDS = "PNG, JPEG, BMP, TIFF, WebP and DICOM (.dcm)"
 
@@ -305,8 +306,12 @@ class _Batch:
                 self.refuse(name, "The file could not be read on the server; please upload it again.")
             return
         is_dicom = head[128:132] == b"DICM"  # a DICOM preamble may start with anything, "PK" included
-        named_zip = Path(name).suffix.lower() == ".zip" or path.suffix.lower() == ".zip"
-        if named_zip or (head.startswith(_ZIP_MAGIC) and not is_dicom):
+        suffix = Path(name).suffix.lower()
+        named_zip = suffix == ".zip" or path.suffix.lower() == ".zip"
+        if suffix in _ZIP_DOCUMENTS and not named_zip:  # zips inside, but a document: one row, not one per part
+            if not self.full(name):
+                self.refuse(name, f"The file is a {suffix} document, not an X-ray or a zip of X-rays.")
+        elif named_zip or (head.startswith(_ZIP_MAGIC) and not is_dicom):
             self.add_archive(name, path, looks_like_zip=head.startswith(_ZIP_MAGIC))
         elif not self.full(name):
             self.read(name, path)

@@ -223,6 +223,18 @@ def test_a_zip_is_known_by_its_content_and_an_archive_comment_is_no_obstacle(xra
     assert_same_pixels(entry.path, xrays[0])
 
 
+def test_an_office_document_is_one_row_not_one_per_part(xrays, uploads, workdir):
+    """A .docx is a zip inside: it is refused as a document, not opened part by part (images inside are not read)."""
+    parts = [("[Content_Types].xml", b"<Types/>"), ("word/document.xml", b"<doc/>"),
+             ("word/media/image1.jpg", xrays[0].read_bytes())]
+    document = zip_file(uploads / "findings.docx", parts)
+    refused(expand_batch([document], workdir), r"\.docx document, not an X-ray")
+    assert files_in(workdir) == []
+    renamed = zip_file(uploads / "films.zip", parts)  # the same bytes named .zip: an archive, its JPEG is read
+    assert [entry.name for entry in expand_batch([renamed], workdir) if entry.error is None] == [
+        "films.zip/word/media/image1.jpg"]
+
+
 def test_a_suffixless_dicom_is_read_and_the_dicomdir_index_skipped(xrays, files, uploads, workdir):
     dicom = files.xray_as_dicom(xrays[2], "scan.dcm").read_bytes()
     archive = zip_file(uploads / "export.zip", [("DICOMDIR", dicom[:400]), ("DICOM/ST0/IM000001", dicom),
