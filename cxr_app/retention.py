@@ -25,6 +25,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -80,20 +81,37 @@ def protect_build_time_files(demo: Any) -> int:
     return kept
 
 
+def remove_older_than(
+    folder: str | Path, age: float, pattern: str = "*", files_only: bool = False, now: float | None = None
+) -> list[Path]:
+    """Delete the entries of `folder` matching `pattern` not modified for more than `age` seconds (folders with what
+    they hold; with `files_only`, plain files only: no folders, no links); returns what was removed."""
+    folder, now = Path(folder), time.time() if now is None else now
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.glob(pattern):
+        try:
+            if now - path.lstat().st_mtime <= age:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                if files_only:
+                    continue
+                shutil.rmtree(path)
+            elif files_only and (path.is_symlink() or not path.is_file()):
+                continue
+            else:
+                path.unlink()
+            removed.append(path)
+        except FileNotFoundError:
+            continue
+    return removed
+
+
 def sweep_partial_uploads(upload_dir: str | Path, age: float, now: float | None = None) -> list[Path]:
     """Delete the `tmp*` files at the top of `upload_dir` (gradio's in-progress uploads) not written to for `age`
     seconds: uploads whose client went away. Finished uploads live one folder down and are not touched."""
-    folder, now = Path(upload_dir), time.time() if now is None else now
-    removed = []
-    if not folder.is_dir():
-        return removed
-    for path in folder.glob("tmp*"):
-        try:
-            if path.is_file() and not path.is_symlink() and now - path.stat().st_mtime > age:
-                path.unlink()
-                removed.append(path)
-        except FileNotFoundError:
-            continue
+    removed = remove_older_than(upload_dir, age, "tmp*", files_only=True, now=now)
     if removed:
         logger.info("deleted %d abandoned partial upload(s)", len(removed))
     return removed
@@ -126,26 +144,5 @@ def lifespan(upload_dir: Callable[[], str | Path], delete_cache: tuple[int, int]
 
 
 __all__ = ["DELETE_CACHE", "ENV_DELETE_CACHE", "delete_cache_setting", "lifespan", "protect_build_time_files",
-           "remove_older_than",
-           "retention_seconds", "retention_text", "sweep_partial_uploads"]
+           "remove_older_than", "retention_seconds", "retention_text", "sweep_partial_uploads"]
 
-
-def remove_older_than(folder: Path, age: float, now: float | None = None) -> int:
-    """Delete the entries of `folder` not modified for `age` seconds (the app's own batch results, once gradio
-    has copied them into its cache); returns how many were removed."""
-    import shutil
-
-    now = time.time() if now is None else now
-    removed = 0
-    for entry in list(Path(folder).iterdir()) if Path(folder).is_dir() else []:
-        try:
-            if now - entry.lstat().st_mtime < age:
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-            removed += 1
-        except FileNotFoundError:
-            continue
-    return removed
