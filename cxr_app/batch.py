@@ -239,6 +239,17 @@ class _Overflow:
     count: int = 0
 
 
+def _overflow_row(overflow: _Overflow, reason: str, more: str, done: str) -> BatchEntry:
+    """One row for the files a limit stopped: how many, from which on, and what to do."""
+    files, plural = overflow.count, overflow.count > 1
+    counted = f"{files} {more}file{'s' * plural}"
+    return BatchEntry(
+        f"{files} more file{'s' * plural}", None,
+        f"{reason}: {counted}, from {overflow.first} on, {'were' if plural else 'was'} not {done}. Upload "
+        f"{'them' if plural else 'it'} in another batch.",
+    )
+
+
 class _Batch:
     def __init__(self, workdir: Path, max_files: int, max_members: int, max_extracted_bytes: int,
                  max_member_bytes: int, max_directory_bytes: int) -> None:
@@ -277,19 +288,12 @@ class _Batch:
     def rows(self) -> list[BatchEntry]:
         rows = list(self.entries)
         if self.over_cap:  # at or after the budget row's place: inserted first, so that the budget row stays first
-            files = self.over_cap.count
-            rows.insert(self.over_cap.position, BatchEntry(
-                f"{files} more file{'s' * (files > 1)}", None,
-                f"The batch limit of {self.max_files} files was reached: {files} more file{'s' * (files > 1)}, from "
-                f"{self.over_cap.first} on, {'were' if files > 1 else 'was'} not read. Upload "
-                f"{'them' if files > 1 else 'it'} in another batch."))
+            reason = f"The batch limit of {self.max_files} files was reached"
+            rows.insert(self.over_cap.position, _overflow_row(self.over_cap, reason, "more ", "read"))
         if self.over_budget:
-            files = self.over_budget.count
-            rows.insert(self.over_budget.position, BatchEntry(
-                f"{files} more file{'s' * (files > 1)}", None,
-                f"The files extracted from archives reached the batch limit of {_megabytes(self.max_extracted_bytes)}:"
-                f" {files} file{'s' * (files > 1)}, from {self.over_budget.first} on, {'were' if files > 1 else 'was'}"
-                f" not extracted. Upload {'them' if files > 1 else 'it'} in another batch."))
+            budget = _megabytes(self.max_extracted_bytes)
+            reason = f"The files extracted from archives reached the batch limit of {budget}"
+            rows.insert(self.over_budget.position, _overflow_row(self.over_budget, reason, "", "extracted"))
         return rows
 
     # -- uploads ----------------------------------------------------------------------------------------------------

@@ -441,8 +441,8 @@ class CxrDemo:
     def predict_batch(self, uploads: Sequence[Any], progress: Callable | None = None) -> list[dict[str, str]]:
         """Files and zips of images/DICOM -> one row per image (cxr_app/batch.py bounds what a zip may cost). Zip
         members are extracted into a private folder that is deleted before this returns."""
-        self._require()
-        named = [(Path(path).name, path) for path in (_file_path(upload) for upload in uploads or []) if path]
+        labels = self._require().labels
+        named = [path for path in (_file_path(upload) for upload in uploads or []) if path]  # shown by base name
         if not named:
             raise InputError("No files were uploaded. Choose chest X-ray images or DICOM files, or a zip of them.")
         if len(named) > MAX_BATCH_UPLOADS:
@@ -455,7 +455,7 @@ class CxrDemo:
                 if progress is not None:
                     progress((done, len(entries)), desc="Classifying", unit="files")
                 if entry.path is None:
-                    rows.append(result_row(self._require().labels, entry.name, error=entry.error))
+                    rows.append(result_row(labels, entry.name, error=entry.error))
                 else:
                     rows.append(self.classify_row(entry.name, entry.path))
         return rows
@@ -512,7 +512,7 @@ class Endpoints:
     def _write_csv(self, rows: list[dict[str, str]]) -> str:
         """The batch's CSV in a fresh folder of the app's own; gradio copies it into its cache (deleted on the
         retention schedule), and folders older than a minute are removed here."""
-        remove_older_than(self.batch_dir, 60.0)
+        remove_older_than(self.batch_dir, 60.0)  # older folders: gradio has copied their CSV into its cache
         folder = Path(tempfile.mkdtemp(dir=self.batch_dir))
         path = folder / "cxr_predictions.csv"
         path.write_text(rows_csv(rows, self.app._require().labels), encoding="utf-8")
@@ -628,12 +628,13 @@ def _report_tab(app: CxrDemo) -> None:
                     elem_id="report-missing")
         return
     gr.Markdown(report_view.summary_markdown(report), elem_id="report-summary")
+    figures = report.figures()
     with gr.Row():
         gr.Markdown(report_view.confusion_markdown(report))
-        for path, caption in report.figures()[:2]:
+        for path, caption in figures[:2]:
             gr.Image(str(path), label=caption, show_label=False, interactive=False, buttons=["fullscreen"])
     gr.Markdown(report_view.calibration_markdown(report))
-    for path, caption in report.figures()[2:]:
+    for path, caption in figures[2:]:
         gr.Image(str(path), label=caption, show_label=False, interactive=False, buttons=["fullscreen"],
                  height=420)
     gr.Markdown(report_view.sources_markdown(report), elem_id="report-sources")
