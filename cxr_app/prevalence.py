@@ -8,7 +8,6 @@ of the time (NPV). The numbers come from the served checkpoint's own report (rep
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +39,10 @@ def predictive_values(sensitivity: float, specificity: float, prevalence: float)
 
 def class_rates(checkpoint: str | Path) -> dict[str, ClassRates] | None:
     """Per-class test sensitivity/specificity from `<checkpoint>/report/metrics.json`, or None without a report."""
-    path = Path(checkpoint) / "report" / "metrics.json"
-    try:
-        return rates_from_metrics(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError):
-        return None
+    from .report_view import REPORT_SUBDIR, load_report
+
+    report = load_report(Path(checkpoint) / REPORT_SUBDIR if (Path(checkpoint) / REPORT_SUBDIR).is_dir() else None)
+    return rates_from_metrics(report.data) if report else None
 
 
 def rates_from_metrics(data: dict) -> dict[str, ClassRates] | None:

@@ -45,12 +45,7 @@ def test_upload_shows_label_and_overlay(browser, tiny_app_url, example_xrays, tm
         label = page.locator('[data-testid="label-output-value"]')
         label.wait_for(timeout=120_000)
         assert label.inner_text().strip() in LABELS
-        overlay = page.locator("#overlay img")
-        overlay.wait_for(timeout=120_000)
-        page.wait_for_function(
-            "() => { const i = document.querySelector('#overlay img'); return i && i.complete && i.naturalWidth; }",
-            timeout=60_000,
-        )
+        wait_for_image(page, "#overlay")
         size = page.evaluate("() => { const i = document.querySelector('#overlay img');"
                              " return [i.naturalWidth, i.naturalHeight]; }")
         assert size == [512, 512]  # the example is 512x512: shown at its own size and aspect
