@@ -10,13 +10,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 from PIL import Image
@@ -25,32 +19,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
 MAX_BYTES = 300 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def serve(home: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CNN_LSTM_RATE_LIMITS": "off", "GRADIO_ANALYTICS_ENABLED": "False",
-           "GRADIO_TEMP_DIR": str(home / "gradio")}
-    log = (home / "server.log").open("w")
-    process = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=REPO_ROOT, env=env,
-                               stdout=log, stderr=subprocess.STDOUT)
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"app.py exited:\n{(home / 'server.log').read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url + "/config", timeout=5):
-                return process, url
-        except OSError:
-            time.sleep(0.5)
-    process.terminate()
-    raise SystemExit("app.py did not start within 300 s")
 
 
 def capture(url: str, example: Path, tab: str, width: int) -> bytes:
@@ -107,13 +75,12 @@ def main() -> int:
         if not candidates:
             raise SystemExit(f"{example} not found")
         example = candidates[0]
-    with tempfile.TemporaryDirectory(prefix="cxr-screenshot-") as home:
-        process, url = serve(Path(home))
-        try:
-            png = capture(url, example.resolve(), args.tab, args.width)
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+    from benchmark_app import app_process  # the sibling script's launcher (scripts/ is on sys.path when run)
+
+    env = {"HF_HUB_OFFLINE": "1", "CNN_LSTM_RATE_LIMITS": "off"}
+    with tempfile.TemporaryDirectory(prefix="cxr-screenshot-") as home, \
+            app_process(str(REPO_ROOT / "checkpoints" / "cnn-lstm-cxr3"), env, Path(home)) as url:
+        png = capture(url, example.resolve(), args.tab, args.width)
     encoded = smallest_faithful_png(Image.open(io.BytesIO(png)).convert("RGB"))
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
