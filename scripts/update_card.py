@@ -5,10 +5,11 @@
         --leaky_metrics runs/leaky/final/report/metrics.json
 
 Each given result is stored in the folder's `report/metrics.json` (keys `cross_validation`, `shortcut_audit`,
-`leaky_protocol`); the card is rendered again from the repository's `model_card.md` and `report/report.md` from the
-same data. Results not given keep their stored value, and a result never run renders as "not run". Everything is
-rendered before anything is written, and each file is written atomically (`train.atomic.atomic_write_text`), so an
-interrupted update never leaves a truncated card or metrics.json.
+`lung_evidence` (the app's warning threshold, from a validation audit: `--lung_evidence_from`), `leaky_protocol`);
+the card is rendered again from the repository's `model_card.md` and `report/report.md` from the same data. Results
+not given keep their stored value, and a result never run renders as "not run". Everything is rendered before
+anything is written, and each file is written atomically (`train.atomic.atomic_write_text`), so an interrupted
+update never leaves a truncated card or metrics.json.
 
 `--recompute_bootstrap` recomputes the `bootstrap` section (macro and per-class intervals) from the folder's own
 `report/predictions.csv` (the calibrated probabilities the metrics came from) with the training code's
@@ -31,6 +32,7 @@ from train.atomic import atomic_write_text
 from train.metrics.cxr_metrics.cxr_metrics import compute_classification_metrics
 from train.training.model_card import DEFAULT_TEMPLATE, card_context, render_model_card
 from train.training.report import PREDICTIONS_FILE, bootstrap_intervals, render_report_markdown
+from train.training.shortcut_audit import evidence_threshold
 
 SEED_IN_SUMMARY = re.compile(r"\bseed (\d+)\.")  # model_card.training_summary: "...; seed 42."
 
@@ -41,6 +43,13 @@ class UpdateCardArguments:
     cv_results: str | None = field(default=None, metadata={"help": "cv_results.json of a --cross_validation run."})
     cv_note: str | None = field(default=None, metadata={"help": "A sentence shown under the CV table."})
     shortcut_audit: str | None = field(default=None, metadata={"help": "shortcut_audit.json of the same model."})
+    lung_evidence_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "shortcut_audit.json of the same model on its VALIDATION split: sets the app's lung-evidence "
+            "warning threshold (report key lung_evidence) from the shares it holds."
+        },
+    )
     leaky_metrics: str | None = field(
         default=None, metadata={"help": "report/metrics.json of the same network on the --protocol paper split."}
     )
@@ -110,6 +119,9 @@ def update_card(args: UpdateCardArguments) -> Path:
         report["cross_validation"]["note"] = args.cv_note
     if args.shortcut_audit:
         report["shortcut_audit"] = json.loads(Path(args.shortcut_audit).read_text())
+    if args.lung_evidence_from:
+        validation = json.loads(Path(args.lung_evidence_from).read_text())
+        report["lung_evidence"] = evidence_threshold(validation["attribution"]["shares"], validation["split"])
     if args.leaky_metrics:
         report["leaky_protocol"] = json.loads(Path(args.leaky_metrics).read_text())["metrics"]
     if args.recompute_bootstrap:

@@ -38,6 +38,20 @@ class ModelArguments:
     lstm_num_layers: int = field(default=1, metadata={"help": "Stacked LSTM layers."})
     lstm_bidirectional: bool = field(default=False, metadata={"help": "Bidirectional LSTM."})
     fc_size: int = field(default=64, metadata={"help": "Width of the dense layer before the classifier."})
+    crop_to_lungs: bool = field(
+        default=False,
+        metadata={
+            "help": "Crop every image to its lung fields' box (+5%) before the resize, in training and (through the "
+            "saved processor config) at inference: what lies far from the lungs never reaches the model."
+        },
+    )
+    source_adversary_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Training only: weight of a gradient-reversal head that predicts each image's source from the "
+            "penultimate features and the class (0: off). The saved model keeps the paper's head."
+        },
+    )
     channels_last: bool = field(default=False, metadata={"help": "channels_last weights and inputs (GPU speed)."})
     cudnn_benchmark: bool = field(
         default=False, metadata={"help": "Let cuDNN pick the fastest conv algorithms (fixed input size; CUDA only)."}
@@ -77,6 +91,8 @@ class ModelArguments:
                 f"--low_res_epochs {self.low_res_epochs:g} needs --low_res_image_size between 0 and "
                 f"--image_size {self.image_size}, got {size}"
             )
+        if self.source_adversary_weight < 0:
+            raise ValueError(f"--source_adversary_weight must be >= 0, got {self.source_adversary_weight}")
         if isinstance(self.block_widths, list):  # a JSON config may give the list itself
             self.block_widths = json.dumps(self.block_widths)
 
@@ -86,7 +102,7 @@ class ModelArguments:
             name: getattr(self, name)
             for name in (
                 "head_type", "use_batch_norm", "image_size", "num_channels", "block_dropout", "head_dropout",
-                "lstm_hidden_size", "lstm_num_layers", "lstm_bidirectional", "fc_size",
+                "lstm_hidden_size", "lstm_num_layers", "lstm_bidirectional", "fc_size", "crop_to_lungs",
             )
         }  # fmt: skip
         if self.block_widths is not None:
@@ -119,6 +135,13 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Seeded subset of train (smoke runs)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Seeded subset of validation and test."})
     rotation_degrees: float = field(default=15.0, metadata={"help": "Random rotation range (paper: 15 degrees)."})
+    outside_lung_swap: float = field(
+        default=0.0,
+        metadata={
+            "help": "Training augmentation against shortcuts: with this probability per image, everything outside "
+            "its lung fields is replaced by another training image's pixels (0: off)."
+        },
+    )
     image_cache_dir: str | None = field(
         default=None, metadata={"help": "Where decoded uint8 images are cached (default $HF_HOME/...)."}
     )
@@ -126,6 +149,8 @@ class DataArguments:
     preprocessing_num_workers: int = field(default=4, metadata={"help": "Threads decoding images for the cache."})
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.outside_lung_swap <= 1.0:
+            raise ValueError(f"--outside_lung_swap must be a probability in [0, 1], got {self.outside_lung_swap}")
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -145,6 +170,16 @@ class EvaluationArguments:
     )
     no_final: bool = field(default=False, metadata={"help": "With CV: skip the final model on all non-test data."})
     calibrate: bool = field(default=True, metadata={"help": "Fit temperature scaling on validation logits."})
+    shortcut_audit: bool = field(
+        default=True,
+        metadata={
+            "help": "Audit the final model on the test split (lungs hidden / only the lungs, source probe, evidence "
+            "inside the lungs, per-source confusion; train/training/shortcut_audit.py) into its report and card."
+        },
+    )
+    audit_ig_per_class: int = field(
+        default=4, metadata={"help": "Images per class that the audit explains with Integrated Gradients (0: none)."}
+    )
     early_stopping_patience: int | None = field(
         default=None, metadata={"help": "Stop after this many evaluations without improvement (recorded)."}
     )

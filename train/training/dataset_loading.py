@@ -208,8 +208,9 @@ def to_cached_split(
     image_column: str = "image",
     cache_dir: str | Path | None = None,
     num_workers: int = 4,
+    crop_to_lungs: bool = False,
 ) -> CachedSplit:
     """A Dataset -> uint8 images in memory + labels + the columns the report and CV need."""
-    pixels = cache_images(dataset, image_size, num_channels, image_column, cache_dir, num_workers)
+    pixels = cache_images(dataset, image_size, num_channels, image_column, cache_dir, num_workers, crop_to_lungs)
     columns = {name: list(dataset[name]) for name in REPORT_COLUMNS if name in dataset.column_names}
     return CachedSplit(pixels, np.asarray(dataset[label_column], dtype=np.int64), columns)

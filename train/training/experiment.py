@@ -84,6 +84,7 @@ def prepare(
                 data_args.image_column,
                 cache_dir,
                 data_args.preprocessing_num_workers,
+                config.crop_to_lungs,
             )
         metric = evaluate.load(str(METRIC_DIR), keep_in_memory=True)
     data_info = describe_data(cached, label_names, data_args)

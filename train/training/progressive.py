@@ -87,6 +87,7 @@ def train_low_res(
                 ctx.data_args.image_column,
                 ctx.cache_dir,
                 ctx.data_args.preprocessing_num_workers,
+                config.crop_to_lungs,
             )
             for name in ("train", "validation")
         }

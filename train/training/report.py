@@ -330,17 +330,20 @@ def cv_table(cv: dict[str, Any] | None) -> str:
 
 
 def shortcut_audit_section(audit: dict[str, Any] | None) -> str:
-    """The `scripts/shortcut_audit.py` result as a table, or a line saying it was not run (report and card)."""
+    """The shortcut audit's own Markdown (train/training/shortcut_audit.py), an older audit's table, or a line saying
+    it was not run (report and card)."""
     if not audit:
         return (
             "Not run for this checkpoint. `python scripts/shortcut_audit.py --model FOLDER --data_dir CORPUS` "
-            "evaluates the test images as they are, with the lung fields masked and with only the lung fields "
+            "evaluates the test images as they are, with the lung fields hidden and with only the lung fields "
             "visible; `python scripts/update_card.py --model_dir FOLDER --shortcut_audit shortcut_audit.json` "
             "adds its result here."
         )
+    if isinstance(audit.get("markdown"), str):
+        return audit["markdown"].rstrip("\n")
     names = audit["label_names"]
     lines = [
-        f"{audit['num_samples']} `{audit['split']}` images. {audit['mask']}",
+        f"{audit['num_samples']} `{audit['split']}` images. {audit.get('mask', '')}",
         "",
         "| Condition | Accuracy | Macro F1 | " + " | ".join(f"Sensitivity {name}" for name in names) + " |",
         "|---|---|---|" + "---|" * len(names),

@@ -19,7 +19,7 @@ import torch
 from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, get_last_checkpoint
 
-from modeling_cnn_lstm import CnnLstmForImageClassification
+from modeling_cnn_lstm import CnnLstmForImageClassification, CnnLstmImageProcessor
 from train.atomic import atomic_folder
 from train.training.context import RunContext
 from train.training.epoch_log import LOG_NAME, EpochLogCallback
@@ -27,6 +27,8 @@ from train.training.hub_folder import push_folder, push_metric, save_model_files
 from train.training.input_pipeline import CachedSplit
 from train.training.model_card import write_model_card
 from train.training.report import write_report
+from train.training.shortcut_audit import AuditSettings, evidence_shares, evidence_threshold, run_audit
+from train.training.source_adversary import SourceAdversary
 from train.training.trainer import CxrTrainer, batch_transform_for, build_compute_metrics, build_model, make_trainer
 
 logger = logging.getLogger(__name__)
@@ -80,11 +82,17 @@ def fit(
     log_path = Path(ctx.training_args.output_dir) / LOG_NAME
     selection = args.metric_for_best_model if args.load_best_model_at_end else None
     callbacks.append(EpochLogCallback(log_path, stage, len(train_split), selection, later_seconds))
-    transform = batch_transform_for(model.config, ctx.data_args.rotation_degrees, ctx.model_args.channels_last)
+    transform = batch_transform_for(
+        model.config, ctx.data_args.rotation_degrees, ctx.model_args.channels_last, ctx.data_args.outside_lung_swap
+    )
     compute_metrics = build_compute_metrics(
         ctx.metric, ctx.label_names, ctx.eval_args.ece_bins, ctx.eval_args.selection_window
     )
-    trainer = make_trainer(model, args, train_split, eval_split, transform, compute_metrics, callbacks)
+    adversary_weight = ctx.model_args.source_adversary_weight
+    source_names = sorted(set(train_split.columns.get("source", []))) if adversary_weight > 0 else None
+    train_split = train_split.with_training_extras(ctx.data_args.outside_lung_swap > 0, source_names)
+    adversary = SourceAdversary(model.config, len(source_names), adversary_weight) if source_names else None
+    trainer = make_trainer(model, args, train_split, eval_split, transform, compute_metrics, callbacks, adversary)
     compute_metrics.previous = lambda: [entry["eval_macro_f1"] for entry in trainer.state.log_history
                                         if "eval_macro_f1" in entry]  # fmt: skip
     started = time.perf_counter()
@@ -106,6 +114,27 @@ def no_eval_args(args: TrainingArguments, output_dir: str | Path) -> TrainingArg
     return args
 
 
+def final_audit(ctx: RunContext, model: CnnLstmForImageClassification) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The shortcut audit of the final weights (as they ship, calibrated) on the test split, and the app's
+    lung-evidence warning threshold from the validation split (fp32, eval mode)."""
+    test = ctx.splits["test"]
+    images = ctx.sources["test"][ctx.data_args.image_column]
+    columns = test.columns
+    sources = columns.get("source") or ["unknown"] * len(test)
+    groups = columns.get("patient_id") or [str(index) for index in range(len(test))]
+    processor = CnnLstmImageProcessor.from_model_config(model.config)
+    was_training = model.training
+    try:
+        audit = run_audit(
+            model.eval(), processor, images, test.labels, sources, groups, ctx.label_names,
+            ctx.data_args.test_split, AuditSettings(ig_per_class=ctx.eval_args.audit_ig_per_class),
+        )  # fmt: skip
+        validation = evidence_shares(model, processor, ctx.sources["validation"][ctx.data_args.image_column])
+        return audit, evidence_threshold(validation.tolist(), ctx.data_args.validation_split)
+    finally:
+        model.train(was_training)
+
+
 def finalize(
     ctx: RunContext,
     model: CnnLstmForImageClassification,
@@ -120,9 +149,12 @@ def finalize(
     model.config.calibration_temperature = float(temperature)
     destination = Path(ctx.eval_args.final_model_dir)
     test = ctx.splits["test"]
+    audit = final_audit(ctx, model) if ctx.eval_args.shortcut_audit else None
     with atomic_folder(destination) as folder:
         save_model_files(model, folder, ctx.model_args.save_dtype, ctx.model_args.max_shard_size)
         extra = {"run": {k: info[k] for k in ("world_size", "stats", "training_summary")}, "cross_validation": cv}
+        if audit is not None:
+            extra["shortcut_audit"], extra["lung_evidence"] = audit
         extra["card_info"] = info  # lets scripts/update_card.py re-render the card with later results (CV, audit)
         report = write_report(
             folder / "report",

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -25,6 +26,7 @@ from transformers import EvalPrediction, Trainer, TrainingArguments
 from modeling_cnn_lstm import CnnLstmConfig, CnnLstmForImageClassification, CnnLstmImageProcessor
 from train.training.arguments import ModelArguments
 from train.training.input_pipeline import CachedSplit, DeviceBatchTransform, collate_uint8
+from train.training.source_adversary import SourceAdversary
 
 logger = logging.getLogger(__name__)
 SCALAR_KEYS = ("accuracy", "macro_precision", "macro_sensitivity", "macro_specificity", "macro_f1", "macro_auc")
@@ -46,9 +48,11 @@ def build_model(model_args: ModelArguments) -> CnnLstmForImageClassification:
     return model
 
 
-def batch_transform_for(config: CnnLstmConfig, rotation_degrees: float, channels_last: bool) -> DeviceBatchTransform:
+def batch_transform_for(
+    config: CnnLstmConfig, rotation_degrees: float, channels_last: bool, outside_lung_swap: float = 0.0
+) -> DeviceBatchTransform:
     return DeviceBatchTransform(
-        config.image_mean, config.image_std, config.num_channels, rotation_degrees, channels_last
+        config.image_mean, config.image_std, config.num_channels, rotation_degrees, channels_last, outside_lung_swap
     )
 
 
@@ -104,20 +108,36 @@ def build_compute_metrics(
 class CxrTrainer(Trainer):
     """`Trainer` with the device-side uint8 input transform and an on-device training-accuracy counter."""
 
-    def __init__(self, *args: Any, batch_transform: DeviceBatchTransform, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        batch_transform: DeviceBatchTransform,
+        adversary: SourceAdversary | None = None,
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("data_collator", collate_uint8)
         super().__init__(*args, **kwargs)
         self.batch_transform = batch_transform
+        self.adversary = adversary.to(self.args.device) if adversary is not None else None
         self.model_accepts_loss_kwargs = False
         self._train_correct: torch.Tensor | None = None
         self._train_seen = 0
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         inputs = super()._prepare_inputs(inputs)
+        lung_mask = inputs.pop("lung_mask", None)
         pixel_values = inputs.get("pixel_values")
         if isinstance(pixel_values, torch.Tensor) and pixel_values.dtype == torch.uint8:
-            inputs["pixel_values"] = self.batch_transform(pixel_values, train=self.model.training)
+            inputs["pixel_values"] = self.batch_transform(pixel_values, self.model.training, lung_mask)
         return inputs
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer plus the source adversary's parameters (training only, never saved in the model)."""
+        first = self.optimizer is None
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        if first and self.adversary is not None:
+            optimizer.add_param_group({"params": list(self.adversary.parameters()), "weight_decay": 0.0})
+        return optimizer
 
     def compute_loss(
         self,
@@ -127,7 +147,15 @@ class CxrTrainer(Trainer):
         num_items_in_batch: Any = None,
     ) -> Any:
         labels = inputs.get("labels")
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        source_ids = inputs.pop("source_ids", None)
+        adversary = self.adversary if model.training and source_ids is not None else None
+        with adversary.watch(model) if adversary is not None else contextlib.nullcontext():
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+        if adversary is not None:
+            progress = self.state.global_step / max(1, self.state.max_steps)
+            loss = loss + adversary.loss(labels, source_ids, progress)
         if model.training and labels is not None:
             logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
             correct = (logits.detach().argmax(dim=-1) == labels).sum()  # stays on the device: no sync
@@ -156,6 +184,7 @@ def make_trainer(
     batch_transform: DeviceBatchTransform,
     compute_metrics: Callable | None = None,
     callbacks: list | None = None,
+    adversary: SourceAdversary | None = None,
 ) -> CxrTrainer:
     """A `CxrTrainer` over cached splits; the processor travels with the checkpoints (`processing_class`)."""
     return CxrTrainer(
@@ -167,6 +196,7 @@ def make_trainer(
         compute_metrics=compute_metrics,
         callbacks=callbacks,
         batch_transform=batch_transform,
+        adversary=adversary,
     )
 
 
