@@ -33,6 +33,7 @@ from PIL import Image
 
 from modeling_cnn_lstm.fast_inference_cnn_lstm import CnnLstmFastInference
 from modeling_cnn_lstm.image_processing_cnn_lstm import CnnLstmImageProcessor
+from modeling_cnn_lstm.lung_region_cnn_lstm import find_lung_region
 
 from . import guardrails
 from .batch import MAX_BATCH_FILES, expand_batch
@@ -46,6 +47,8 @@ from .limits import (
     RateLimited,
     limit_waiting_per_client,
 )
+from .lung_evidence import WARNING as LUNG_EVIDENCE_WARNING
+from .lung_evidence import LungEvidence, measure, model_frame, threshold_from_report
 from .prevalence import ClassRates, rates_from_metrics, reading
 from .report_view import ModelReport, load_report, report_folder
 from .results import columns, result_row, rows_csv
@@ -120,7 +123,7 @@ class LoadedClassifier:
     labels: list[str]
     source: str
     black: torch.Tensor  # the processor's output for a black image: the IG baseline
-    runner: CnnLstmFastInference | None = None  # the opt-in fast CPU path for predictions; None on a GPU
+    runner: CnnLstmFastInference | None = None  # the opt-in fast CPU path for Occlusion; None on a GPU
 
     def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Predictions: the fast CPU runner where there is one, else the model itself (fp32, on its device)."""
@@ -178,10 +181,12 @@ def load_classifier(source: str, revision: str | None = None, settings: Saliency
         size = processor.size
         black = black.expand(1, -1, size["height"], size["width"]).contiguous()
         runner = None
-        if torch.device(device).type == "cpu":  # predictions and Occlusion; gradient maps keep the fp32 graph
+        if torch.device(device).type == "cpu":  # Occlusion's 49 forwards; gradient maps keep the fp32 graph
             runner = model.fast_cpu_inference()  # checks and times the candidates: the app's warm-up
-            explainer.no_grad_logits = runner  # Occlusion needs no gradients: 49 forwards on the faster path
-            logger.info("predictions and Occlusion run on %s: %s", runner.backend, runner.reason)
+            explainer.no_grad_logits = runner  # Occlusion needs no gradients: the faster path
+            # predictions need the Grad-CAM of their class (the lung-evidence share): one eager fp32 pass gives both
+            logger.info("Occlusion runs on %s: %s; predictions: eager fp32 with their Grad-CAM", runner.backend,
+                        runner.reason)  # fmt: skip
         else:
             with torch.inference_mode():  # warm-up: first-call allocations before users come
                 model(pixel_values=black.to(device))
@@ -236,8 +241,9 @@ def _file_path(file: Any) -> str | None:
 @dataclass
 class Prediction:
     scores: dict[str, float]  # label -> calibrated probability
-    warnings: list[str]  # the guardrails' sentences (not a radiograph? low confidence?)
+    warnings: list[str]  # the guardrails' sentences (not a radiograph? low confidence? evidence off the lungs?)
     image: LoadedImage
+    evidence: LungEvidence | None = None  # how much of the call's Grad-CAM evidence lies inside the lung fields
 
     @property
     def label(self) -> str:
@@ -254,6 +260,8 @@ class SaliencyView:
     saliency: np.ndarray | None  # [0, 1] at the model's input size; None when the map is zero everywhere
     method: str
     label: str
+    lung_mask: np.ndarray | None = None  # the lung fields at the model's input size (drawn as an outline)
+    frame: tuple[int, int, int, int] | None = None  # where the model's input lies in the upload (a lung crop)
 
 
 class CxrDemo:
@@ -271,6 +279,7 @@ class CxrDemo:
         self.home = app_home(home)
         self.report = report  # the checkpoint's own test report (report/metrics.json), None without one
         self.rates: dict[str, ClassRates] | None = rates_from_metrics(report.data) if report else None
+        self.lung_threshold = threshold_from_report(report.data if report else None)
         self.slow_maps = LowPriorityWorker()  # IG, Occlusion and batches ($CNN_LSTM_SLOW_MAP_NICE)
 
     @property
@@ -306,24 +315,28 @@ class CxrDemo:
         pixel_values = classifier.processor(image.model_input(), return_tensors="pt")["pixel_values"]
         return classifier, image, pixel_values
 
-    def _probabilities(self, classifier: LoadedClassifier, pixel_values: torch.Tensor) -> torch.Tensor:
-        return classifier.logits(pixel_values)[0].float().softmax(-1).cpu()
-
     def classify(self, file: Any, reader: Callable[[Any], LoadedImage] = read_upload_cached) -> Prediction:
-        """A file -> calibrated probabilities and the guardrails' warnings (what the UI, the API and the CLI share)."""
+        """A file -> calibrated probabilities, the share of the evidence inside the lung fields and the guardrails'
+        warnings (what the UI, the API, the batch and the CLI share). One eager fp32 pass gives the logits and the
+        predicted class's Grad-CAM map (cxr_app/lung_evidence.py)."""
         classifier, image, pixel_values = self._prepare(file, reader)
-        probabilities = self._probabilities(classifier, pixel_values)
+        logits, cam, _ = classifier.explainer.gradcam_with_logits(pixel_values)
+        probabilities = logits[0].float().softmax(-1).cpu()
+        evidence = measure(cam, pixel_values, self.lung_threshold)
         scores = {label: float(p) for label, p in zip(classifier.labels, probabilities.tolist(), strict=True)}
         input_findings = guardrails.check_radiograph(image.pixels, image.dicom)
         confidence_findings = guardrails.check_confidence(scores)
         warnings = [guardrails.warning_text(input_findings)] if input_findings else []
         warnings += [f"Low confidence: {finding.message}." for finding in confidence_findings]
-        return Prediction(scores, warnings, image)
+        if evidence.low:
+            warnings.append(LUNG_EVIDENCE_WARNING)
+        return Prediction(scores, warnings, image, evidence)
 
     def predict(self, file: Any) -> tuple[dict[str, float], str]:
         """Upload -> ({label: probability}, a Markdown summary with the warnings and the caveat)."""
         classifier = self._require()
-        scores, warnings, image = self.classify(file).astuple()
+        prediction = self.classify(file)
+        scores, warnings, image = prediction.astuple()
         top_label = max(scores, key=scores.get)
         for warning in warnings:
             gr.Warning(warning)
@@ -332,6 +345,8 @@ class CxrDemo:
             else "not calibrated (temperature 1)"
         )
         lines = [f"### {top_label}: {scores[top_label]:.0%}", f"Probabilities {calibrated}."]
+        if prediction.evidence is not None:
+            lines.append(prediction.evidence.sentence())
         lines += [f"- ⚠️ {warning}" for warning in warnings]
         details = f"{image.kind}, {image.width}x{image.height} px"
         if image.notes:
@@ -364,7 +379,9 @@ class CxrDemo:
             saliency, index = classifier.explainer.attribute(*arguments)
         else:  # 5-15 s of both cores: at a lower priority, so predictions beside it stay fast
             saliency, index = self.slow_maps.run(classifier.explainer.attribute, *arguments)
-        return SaliencyView(saliency, method, classifier.labels[index]), image
+        lung_mask = find_lung_region(pixel_values[0]).mask.numpy()
+        frame = model_frame(image.model_input(), bool(getattr(classifier.processor, "crop_to_lungs", False)))
+        return SaliencyView(saliency, method, classifier.labels[index], lung_mask, frame), image
 
     def render(
         self, file: Any, view: SaliencyView, opacity: float = DEFAULT_OPACITY, image: LoadedImage | None = None
@@ -376,7 +393,7 @@ class CxrDemo:
         if not (isinstance(opacity, (int, float)) and 0.0 <= opacity <= 1.0):
             raise InputError(f"The overlay opacity must be between 0 and 1, got {opacity!r}.")
         return render_overlay(image.display_uint8(), view.saliency, classifier.processor.resize_mode,
-                              opacity=float(opacity))
+                              opacity=float(opacity), outline=view.lung_mask, frame=view.frame)
 
     def input_image(self, file: Any) -> Image.Image:
         """The upload as the page shows it (windowed, oriented, longer side <= 768 px)."""
@@ -402,6 +419,8 @@ class CxrDemo:
                 OCCLUSION: f"hiding the coloured areas lowered the probability of {label} most",
             }[method]
             note = f"{method} for **{label}**: {meaning}; red is strongest, uncoloured areas mattered little."
+        if view.lung_mask is not None:
+            note += " The green line outlines the lung fields that the evidence share is measured in."
         return note + " A saliency map shows what the model used, not where disease is."
 
     def explain(
@@ -436,7 +455,8 @@ class CxrDemo:
         except Exception as error:  # noqa: BLE001 - one bad file must not stop the batch; the log gets the traceback
             logger.exception("unexpected error on a batch file")
             return result_row(labels, name, error=f"unexpected error ({type(error).__name__}).")
-        return result_row(labels, name, prediction.scores, prediction.warnings)
+        evidence = prediction.evidence.cell() if prediction.evidence is not None else ""
+        return result_row(labels, name, prediction.scores, prediction.warnings, lung_evidence=evidence)
 
     def predict_batch(self, uploads: Sequence[Any], progress: Callable | None = None) -> list[dict[str, str]]:
         """Files and zips of images/DICOM -> one row per image (cxr_app/batch.py bounds what a zip may cost). Zip

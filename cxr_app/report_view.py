@@ -209,12 +209,17 @@ def sources_markdown(report: ModelReport) -> str:
 
 
 def audit_markdown(report: ModelReport) -> str:
+    """The audit's own Markdown section as the training side rendered it (`markdown`), or an older audit's table."""
     audit = report.data.get("shortcut_audit")
     if not isinstance(audit, dict) or not isinstance(audit.get("conditions"), dict):
         return (
             "### Shortcut audit\n\nNot run for this checkpoint (`python scripts/shortcut_audit.py --help`): it would "
             "show how the model does with the lung fields hidden."
         )
+    intro = ("### Shortcut audit", "The same test images with the lung fields hidden, and with only them visible. "
+             "A model that reads the lungs should fall to chance without them.")  # fmt: skip
+    if isinstance(audit.get("markdown"), str):
+        return "\n\n".join([*intro, audit["markdown"]])
     names = report.label_names
     rows = []
     for key, values in audit["conditions"].items():
@@ -222,8 +227,7 @@ def audit_markdown(report: ModelReport) -> str:
         rows.append([AUDIT_CONDITIONS.get(key, key), _percent(values.get("accuracy")),
                      _percent(values.get("macro_f1")), *(_percent(sensitivity.get(name)) for name in names)])
     table = _table(["Test images", "Accuracy", "Macro F1", *(f"Sensitivity {name}" for name in names)], rows)
-    parts = ["### Shortcut audit", "The same test images with the lung fields hidden, and with only them visible. "
-             "A model that reads the lungs should fall to chance without them.", table]
+    parts = [*intro, table]
     parts += [str(audit[key]) for key in ("interpretation", "mask") if isinstance(audit.get(key), str)]
     return "\n\n".join(parts)
 

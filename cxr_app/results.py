@@ -9,15 +9,16 @@ from collections.abc import Sequence
 
 
 def columns(labels: Sequence[str]) -> list[str]:
-    return ["file", "predicted", *(f"p_{label}" for label in labels), "warnings"]
+    return ["file", "predicted", *(f"p_{label}" for label in labels), "lung_evidence", "warnings"]
 
 
 def result_row(
     labels: Sequence[str], name: str, scores: dict[str, float] | None = None, warnings: Sequence[str] = (),
-    error: str | None = None,
+    error: str | None = None, lung_evidence: str = "",
 ) -> dict[str, str]:
-    """A row of strings: probabilities to 4 decimals, warnings joined by " | "; a file that was not read has an
-    empty prediction and "not read: <why>"."""
+    """A row of strings: probabilities to 4 decimals, the share of the Grad-CAM evidence inside the lung fields
+    (0-1, cxr_app/lung_evidence.py), warnings joined by " | "; a file that was not read has an empty prediction and
+    "not read: <why>"."""
     row = dict.fromkeys(columns(labels), "")
     row["file"] = name
     if error is not None or scores is None:
@@ -25,6 +26,7 @@ def result_row(
         return row
     row["predicted"] = max(scores, key=scores.get)
     row.update({f"p_{label}": f"{scores[label]:.4f}" for label in labels})
+    row["lung_evidence"] = lung_evidence
     row["warnings"] = " | ".join(warnings)
     return row
 

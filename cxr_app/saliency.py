@@ -115,19 +115,30 @@ class Explainer:
         with torch.inference_mode():
             return int(self.model(pixel_values=pixel_values).logits[0].argmax())
 
-    def gradcam(self, pixel_values: torch.Tensor, target: int | None) -> tuple[np.ndarray | None, int]:
+    def gradcam_with_logits(
+        self, pixel_values: torch.Tensor, target: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One eager pass of the trunk -> (calibrated logits (1, C), the raw Grad-CAM map (H, W) at the model's
+        input size, the class explained: `target` or the predicted one). Predictions and their lung-evidence share
+        come from the same pass."""
         from captum.attr import LayerAttribution, LayerGradCam
 
+        pixel_values = pixel_values.to(self.device)
         with torch.no_grad():  # the trunk's output is all Grad-CAM needs from it
             feature_map = self.model.forward_features(pixel_values)
-        head = HeadOnly(self.model)
+            head = HeadOnly(self.model)
+            logits = head(feature_map)
         if target is None:  # the head's own answer: no second forward pass
-            with torch.no_grad():
-                target = int(head(feature_map)[0].argmax())
-        cam = LayerGradCam(head, head.feature_map).attribute(feature_map, target=target, relu_attributions=True)
+            target = int(logits[0].argmax())
+        with _attribution_context(self.device):
+            cam = LayerGradCam(head, head.feature_map).attribute(feature_map, target=target, relu_attributions=True)
         # (1, 1, 7, 7) -> (1, 1, H, W) at the model's input size
         cam = LayerAttribution.interpolate(cam, tuple(pixel_values.shape[-2:]), interpolate_mode="bilinear")
-        return _normalise(cam[0, 0]), target
+        return logits, cam[0, 0].detach(), target
+
+    def gradcam(self, pixel_values: torch.Tensor, target: int | None) -> tuple[np.ndarray | None, int]:
+        _, cam, target = self.gradcam_with_logits(pixel_values, target)
+        return _normalise(cam), target
 
     def integrated_gradients(
         self, pixel_values: torch.Tensor, target: int, baseline: torch.Tensor, progress: ProgressCallback | None
@@ -225,28 +236,65 @@ FULL_COLOUR_AT = 0.5  # from here up the colour has the chosen opacity; between 
 DEFAULT_OPACITY = 0.65
 
 
+OUTLINE_COLOUR = (0, 255, 140)  # the lung fields' outline: a green the colour scale never uses
+
+
+def map_to_frame(
+    values: np.ndarray, height: int, width: int, resize_mode: str, frame: tuple[int, int, int, int] | None
+) -> np.ndarray:
+    """A map at the model's input size -> HxW; `frame` (top, left, bottom, right in HxW's pixels) is where the model's
+    input came from (a lung crop), None for the whole image. Outside the frame the map is zero."""
+    if frame is None:
+        return map_to_image(values, height, width, resize_mode)
+    top, left, bottom, right = frame
+    placed = np.zeros((height, width), dtype=np.float32)
+    if bottom > top and right > left:
+        placed[top:bottom, left:right] = map_to_image(values, bottom - top, right - left, resize_mode)
+    return placed
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """The 2-pixel-wide border of a boolean mask."""
+    padded = np.pad(mask, 1, mode="edge")
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:] & mask
+    edge = mask & ~interior
+    grown = np.pad(edge, 1)
+    return edge | grown[:-2, 1:-1] | grown[2:, 1:-1] | grown[1:-1, :-2] | grown[1:-1, 2:]
+
+
 def render_overlay(
     display: np.ndarray,
     saliency: np.ndarray | None,
     resize_mode: str = "stretch",
     max_side: int = 768,
     opacity: float = DEFAULT_OPACITY,
+    outline: np.ndarray | None = None,
+    frame: tuple[int, int, int, int] | None = None,
 ) -> Image.Image:
     """The X-ray (HxW or HxWx3 uint8) with the map blended in, at the input's aspect ratio (longer side <= 768).
     Areas under `UNCOLOURED_BELOW` of the peak stay plain grey, so "uncoloured = mattered little" holds and the
-    anatomy under the strong areas stays visible; `opacity` (0-1) is the colour's weight where the map is strong."""
+    anatomy under the strong areas stays visible; `opacity` (0-1) is the colour's weight where the map is strong.
+    `outline`: a boolean mask at the model's input size (the lung fields) drawn as a green line. `frame`: where the
+    model's input lies in `display`, in its pixels (top, left, bottom, right), when the processor cropped it."""
     if not 0.0 <= opacity <= 1.0:
         raise ValueError(f"opacity must be in [0, 1], got {opacity!r}")
     height, width = display.shape[:2]
     scale = min(1.0, max_side / max(height, width))
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     base = Image.fromarray(display).convert("RGB").resize(size, Image.BILINEAR)
-    if saliency is None:
+    if saliency is None and outline is None:
         return base
-    values = map_to_image(saliency, size[1], size[0], resize_mode)
-    ramp = np.clip((values - UNCOLOURED_BELOW) / (FULL_COLOUR_AT - UNCOLOURED_BELOW), 0.0, 1.0)
-    alpha = (opacity * ramp)[..., None]
-    blended = np.asarray(base, dtype=np.float32) * (1 - alpha) + colourise(values) * alpha
+    if frame is not None:
+        frame = tuple(round(value * scale) for value in frame)  # type: ignore[assignment]
+    blended = np.asarray(base, dtype=np.float32)
+    if saliency is not None:
+        values = map_to_frame(saliency, size[1], size[0], resize_mode, frame)
+        ramp = np.clip((values - UNCOLOURED_BELOW) / (FULL_COLOUR_AT - UNCOLOURED_BELOW), 0.0, 1.0)
+        alpha = (opacity * ramp)[..., None]
+        blended = blended * (1 - alpha) + colourise(values) * alpha
+    if outline is not None:
+        inside = map_to_frame(outline.astype(np.float32), size[1], size[0], resize_mode, frame) >= 0.5
+        blended[_outline(inside)] = OUTLINE_COLOUR
     return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
 
 

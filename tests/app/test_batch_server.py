@@ -28,7 +28,7 @@ def test_batch_endpoint_with_a_zip_and_a_bad_file(reported_app_url, example_xray
     uploads = [*(handle_file(str(path)) for path in xrays[:3]), handle_file(str(bad)), handle_file(str(archive))]
     table, csv_path = client.predict(uploads, api_name="/predict_batch")
 
-    assert table["headers"] == ["file", "predicted", *(f"p_{label}" for label in LABELS), "warnings"]
+    assert table["headers"] == ["file", "predicted", *(f"p_{label}" for label in LABELS), "lung_evidence", "warnings"]
     rows = [dict(zip(table["headers"], row, strict=True)) for row in table["data"]]
     names = [row["file"] for row in rows]
     assert names[:4] == [*(path.name for path in xrays[:3]), "report.pdf"]

@@ -50,6 +50,8 @@ def test_upload_shows_label_and_overlay(browser, tiny_app_url, example_xrays, tm
                              " return [i.naturalWidth, i.naturalHeight]; }")
         assert size == [512, 512]  # the example is 512x512: shown at its own size and aspect
         assert "Grad-CAM for" in page.locator("#explain-note").inner_text()
+        assert "green line outlines the lung fields" in page.locator("#explain-note").inner_text()
+        assert "Evidence inside the lung fields" in page.locator("#summary").inner_text()
         page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
         assert (tmp_path / "app.png").stat().st_size > 10_000
     finally:

@@ -49,6 +49,8 @@ def test_predicts_files_and_folders_and_reports_bad_files_in_their_row(tmp_path,
         assert row["predicted"] == expected.label
         for label, probability in expected.scores.items():
             assert float(row[f"p_{label}"]) == pytest.approx(probability, abs=1e-4)
+        assert float(row["lung_evidence"]) == pytest.approx(expected.evidence.share, abs=0.005)
+    assert rows[1]["lung_evidence"] == ""
     assert "| file | predicted |" in done.stdout  # the table on stdout as well
 
 

@@ -49,6 +49,7 @@ def test_predict_and_explain_a_real_xray(client, example_xrays):
     assert sorted(item["label"] for item in label["confidences"]) == sorted(LABELS)
     assert sum(item["confidence"] for item in label["confidences"]) == pytest.approx(1.0, abs=1e-4)
     assert label["label"] in summary and "not for diagnosis" in summary
+    assert "Evidence inside the lung fields: **" in summary  # the API tells how much of the call rests on the lungs
     for method in ("Grad-CAM", "Occlusion"):
         overlay_path, note = client.predict(handle_file(str(xray)), method, "Predicted class", api_name="/explain")
         with Image.open(overlay_path) as overlay, Image.open(xray) as original:
