@@ -110,3 +110,19 @@ def test_tiny_run_with_every_lever_ships_an_audited_cropping_model(
 
     model = CnnLstmForImageClassification.from_pretrained(final)
     assert not any("adversary" in name for name in model.state_dict())  # training-only head, never saved
+
+
+@pytest.mark.shared_data
+def test_hide_lungs_fills_the_fields_with_the_image_mean(xray_paths):
+    from PIL import Image
+
+    from train.training.input_pipeline import hide_lungs_uint8, lung_masks_of
+
+    with Image.open(xray_paths["normal"][0]) as image:
+        pixels = decode_resize(image, 96, 1)[None]
+    hidden = hide_lungs_uint8(pixels)
+    masks = lung_masks_of(pixels).astype(bool)
+    assert hidden.shape == pixels.shape and hidden.dtype == np.uint8
+    assert np.array_equal(hidden[~masks], pixels[~masks])  # outside the lungs: untouched
+    assert np.all(hidden[masks] == np.uint8(round(float(pixels.mean()))))  # inside: one flat mean
+    assert 0.1 < masks.mean() < 0.6

@@ -142,6 +142,13 @@ class DataArguments:
             "its lung fields is replaced by another training image's pixels (0: off)."
         },
     )
+    hide_lungs: bool = field(
+        default=False,
+        metadata={
+            "help": "Diagnostic (Maguolo & Nanni 2021): fill the lung fields of EVERY split with each image's mean "
+            "before training and evaluation. What such a model still scores is the shortcut the corpus itself offers."
+        },
+    )
     image_cache_dir: str | None = field(
         default=None, metadata={"help": "Where decoded uint8 images are cached (default $HF_HOME/...)."}
     )

@@ -7,6 +7,7 @@ Everything that can fail because of the data fails in `prepare`, before the firs
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from pathlib import Path
@@ -31,7 +32,7 @@ from train.training.dataset_loading import (
 )
 from train.training.hardware import choose_cpu_precision
 from train.training.hub_folder import METRIC_DIR, round_to_save_dtype
-from train.training.input_pipeline import CachedSplit, default_cache_dir
+from train.training.input_pipeline import CachedSplit, default_cache_dir, hide_lungs_uint8
 from train.training.model_card import run_info
 from train.training.progressive import train_low_res
 from train.training.steps import finalize, fit, prepare_model
@@ -87,6 +88,9 @@ def prepare(
                 config.crop_to_lungs,
             )
         metric = evaluate.load(str(METRIC_DIR), keep_in_memory=True)
+    if data_args.hide_lungs:  # the data-level shortcut check: no split shows its lungs
+        cached = {name: dataclasses.replace(split, pixels=hide_lungs_uint8(split.pixels))
+                  for name, split in cached.items()}  # fmt: skip
     data_info = describe_data(cached, label_names, data_args)
     push = bool(training_args.push_to_hub)
     training_args.push_to_hub = False
@@ -159,6 +163,8 @@ def run(
     hub_token, training_args.hub_token = training_args.hub_token, None
     if training_args.push_to_hub and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id")
+    if data_args.hide_lungs and (model_args.low_res_epochs > 0 or model_args.crop_to_lungs):
+        raise ValueError("--hide_lungs (a diagnostic) cannot be combined with --low_res_epochs or --crop_to_lungs")
     if eval_args.cross_validation and model_args.low_res_epochs > 0:
         raise ValueError("--low_res_epochs (progressive resizing) is not supported with --cross_validation")
     if eval_args.final_model_dir is None:

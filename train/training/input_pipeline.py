@@ -114,6 +114,14 @@ def lung_masks_of(pixels: np.ndarray) -> np.ndarray:
     return np.stack(masks)[:, None].astype(np.uint8) if masks else np.zeros((0, 1, *pixels.shape[2:]), np.uint8)
 
 
+def hide_lungs_uint8(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (n, c, h, w) -> a copy whose lung fields hold each image's mean (per channel, whole frame): the data-level
+    shortcut check trains and scores on these."""
+    masks = lung_masks_of(pixels).astype(bool)  # (n, 1, h, w)
+    means = np.rint(pixels.reshape(*pixels.shape[:2], -1).mean(axis=-1))[..., None, None].astype(np.uint8)
+    return np.where(masks, np.broadcast_to(means, pixels.shape), pixels)
+
+
 @dataclass
 class CachedSplit:
     """One split in memory: uint8 pixels, integer labels, the text columns the report needs, and (for the

@@ -112,12 +112,30 @@ def training_summary(
         f"{args.learning_rate:g}, `{_plain(args.lr_scheduler_type)}` schedule, weight decay {args.weight_decay:g}, "
         f"gradient clipping {args.max_grad_norm if args.max_grad_norm else 'off'}.",
         _batch_line(ctx, args),
-        f"- Augmentation: random rotation within +-{ctx.data_args.rotation_degrees:g} degrees (the paper's).",
+        f"- Augmentation: random rotation within +-{ctx.data_args.rotation_degrees:g} degrees (the paper's)"
+        + (f"; with probability {ctx.data_args.outside_lung_swap:g} per image, everything outside its lung fields "
+           "taken from another training film (so the surroundings stop predicting the label)."
+           if ctx.data_args.outside_lung_swap > 0 else "."),  # fmt: skip
         f"- Precision {precision}; channels_last {ctx.model_args.channels_last}; torch.compile {args.torch_compile}; "
         f"seed {args.seed}.",
         f"- Hardware: {hardware()}; training time {stats.get('wall_seconds', 0.0):.1f} s; "
         f"{stats.get('train_samples_per_second', 0.0):.1f} training images/s (Trainer's count, incl. evaluation).",
     ]
+    if ctx.model_args.crop_to_lungs:
+        lines.append(
+            "- Input: each image cropped to its lung fields' bounding box plus 5% (found per image, "
+            "`lung_region_cnn_lstm.py`) before the resize, in training and, through `preprocessor_config.json`, "
+            "at inference: labels, markers and borders far from the lungs never reach the model."
+        )
+    if ctx.model_args.source_adversary_weight > 0:
+        lines.append(
+            "- Source-adversarial training: a gradient-reversal head (weight "
+            f"{ctx.model_args.source_adversary_weight:g}, ramped up) tried to name each image's collection from the "
+            "penultimate features and the class; it is not part of the saved model (the paper's head and parameter "
+            "count are unchanged)."
+        )
+    if ctx.data_args.hide_lungs:
+        lines.append("- Diagnostic run: the lung fields of every split were hidden (filled with the image mean).")
     if stats.get("low_res_stage"):
         lines.insert(3, _progressive_line(stats["low_res_stage"], image_size))
     return "\n".join(lines)
