@@ -84,7 +84,7 @@ def measure(data_dir: Path) -> dict:
     }
 
 
-def draw_grid(data_dir: Path, path: Path, tile: int = 192, columns: int = 8) -> None:
+def draw_grid(data_dir: Path, path: Path, tile: int = 144, columns: int = 8) -> None:
     hand = read_hand_boxes()
     grid = Image.new("RGB", (tile * columns, tile * ((len(hand) + columns - 1) // columns)))
     for index, row in enumerate(hand):
@@ -99,7 +99,7 @@ def draw_grid(data_dir: Path, path: Path, tile: int = 192, columns: int = 8) -> 
         ImageDraw.Draw(picture).rectangle((left, top, right, bottom), outline=(255, 200, 0))
         grid.paste(picture, ((index % columns) * tile, (index // columns) * tile))
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid.convert("P", palette=Image.ADAPTIVE, colors=128).save(path, optimize=True)
+    grid.convert("P", palette=Image.ADAPTIVE, colors=48).save(path, optimize=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
