@@ -126,3 +126,21 @@ def test_hide_lungs_fills_the_fields_with_the_image_mean(xray_paths):
     assert np.array_equal(hidden[~masks], pixels[~masks])  # outside the lungs: untouched
     assert np.all(hidden[masks] == np.uint8(round(float(pixels.mean()))))  # inside: one flat mean
     assert 0.1 < masks.mean() < 0.6
+
+
+@pytest.mark.shared_data
+def test_exclude_sources_leaves_them_out_of_training_and_validation_only(tiny_corpus: Path):
+    from datasets import load_from_disk
+
+    from train.training.experiment import exclude_sources
+
+    corpus = load_from_disk(str(tiny_corpus))
+    sources = sorted(set(corpus["train"]["source"]))
+    dropped = sources[0]
+    kept = exclude_sources(corpus, ["train", "validation"], f" {dropped} ,")
+    assert dropped not in set(kept["train"]["source"]) | set(kept["validation"]["source"])
+    assert len(kept["train"]) == sum(source != dropped for source in corpus["train"]["source"])
+    assert kept["test"]["source"] == corpus["test"]["source"]  # the scored split is left as it is
+    assert len(corpus["train"]) > len(kept["train"])  # the caller's dataset is not changed
+    with pytest.raises(ValueError, match="unknown source"):
+        exclude_sources(corpus, ["train"], "no-such-collection")

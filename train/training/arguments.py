@@ -142,6 +142,13 @@ class DataArguments:
             "its lung fields is replaced by another training image's pixels (0: off)."
         },
     )
+    exclude_sources: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated `source` values left out of the training and validation splits (the "
+            "leave-source-out check: score the model afterwards on those collections, which it never saw)."
+        },
+    )
     hide_lungs: bool = field(
         default=False,
         metadata={

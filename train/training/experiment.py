@@ -15,7 +15,7 @@ from typing import Any
 
 import evaluate
 import torch
-from datasets import concatenate_datasets
+from datasets import DatasetDict, concatenate_datasets
 from transformers import TrainingArguments
 
 from modeling_cnn_lstm import CnnLstmConfig
@@ -65,6 +65,8 @@ def prepare(
             data_args.dataset_revision,
             data_args.corpus_options,
         )
+    if data_args.exclude_sources:
+        dataset = exclude_sources(dataset, splits[:2], data_args.exclude_sources)
     check_dataset(dataset, label_names, splits, data_args.label_column, data_args.image_column)
     if eval_args.cross_validation:
         pooled = concatenate_datasets([dataset[splits[0]], dataset[splits[1]]])
@@ -98,6 +100,22 @@ def prepare(
     ctx.sources, ctx.cache_dir = sources, cache_dir
     ctx.precision_reason = choose_precision(model_args, training_args)
     return ctx
+
+
+def exclude_sources(dataset: Any, splits: list[str], sources: str) -> Any:
+    """The dataset with the named sources left out of `splits` (training and validation); logged per split."""
+    names = {name.strip() for name in sources.split(",") if name.strip()}
+    if "source" not in dataset[splits[0]].column_names:
+        raise ValueError("--exclude_sources needs a 'source' column in the corpus")
+    known = set().union(*(set(dataset[split]["source"]) for split in dataset))
+    if names - known:
+        raise ValueError(f"--exclude_sources: unknown source(s) {sorted(names - known)}; corpus: {sorted(known)}")
+    dataset = DatasetDict(dict(dataset))
+    for split in dict.fromkeys(splits):
+        before = len(dataset[split])
+        dataset[split] = dataset[split].filter(lambda source: source not in names, input_columns="source")
+        logger.info("--exclude_sources: %s keeps %d of %d images", split, len(dataset[split]), before)
+    return dataset
 
 
 def choose_precision(model_args: ModelArguments, training_args: TrainingArguments) -> str:
