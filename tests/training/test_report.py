@@ -308,3 +308,35 @@ def test_update_card_refuses_predictions_of_another_model(report_folder: tuple[P
     with pytest.raises(SystemExit, match="does not reproduce metrics.json"):
         load_script("scripts/update_card.py").main(["--model_dir", str(folder), "--recompute_bootstrap"])
     assert [file.read_bytes() for file in files] == before
+
+
+def test_a_battery_audit_shows_its_own_markdown_and_sets_the_apps_threshold(
+    report_folder: tuple[Path, dict], tmp_path: Path, load_script
+):
+    """The audit of train/training/shortcut_audit.py carries its own Markdown: report, card and report tab show it as
+    it is; `update_card.py --lung_evidence_from` turns a validation audit's shares into the app's threshold."""
+    import shutil
+
+    from cxr_app import report_view
+    from cxr_app.lung_evidence import threshold_from_report
+
+    folder = tmp_path / "final"
+    shutil.copytree(report_folder[0], folder)
+    battery = {**AUDIT, "markdown": "BATTERY SECTION | lungs hidden |\n", "conditions": {}}
+    (tmp_path / "test_audit.json").write_text(json.dumps(battery))
+    shares = [0.1 * index for index in range(11)]  # 10% quantile 0.1; plus a map that was zero everywhere
+    validation = {"split": "validation", "attribution": {"shares": [*shares, None]}}
+    (tmp_path / "validation_audit.json").write_text(json.dumps(validation))
+    update = load_script("scripts/update_card.py")
+    update.main(["--model_dir", str(folder), "--shortcut_audit", str(tmp_path / "test_audit.json"),
+                 "--lung_evidence_from", str(tmp_path / "validation_audit.json")])  # fmt: skip
+    report = json.loads((folder / "report" / "metrics.json").read_text())
+    assert report["lung_evidence"]["threshold"] == pytest.approx(0.1) and report["lung_evidence"]["n"] == 11
+    assert threshold_from_report(report) == pytest.approx(0.1)
+    for text in ((folder / "report" / "report.md").read_text(), (folder / "README.md").read_text()):
+        assert "BATTERY SECTION | lungs hidden |" in audit_section(text)
+    assert "BATTERY SECTION" in report_view.audit_markdown(report_view.load_report(folder / "report"))
+    high = {"split": "validation", "attribution": {"shares": [0.8, 0.9, 0.95]}}
+    (tmp_path / "high.json").write_text(json.dumps(high))
+    update.main(["--model_dir", str(folder), "--lung_evidence_from", str(tmp_path / "high.json")])
+    assert json.loads((folder / "report" / "metrics.json").read_text())["lung_evidence"]["threshold"] == 0.5
