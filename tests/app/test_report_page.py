@@ -66,8 +66,9 @@ class TestReportView:
         assert all(f"| {source} | {values['num_samples']} |" in sources
                    for source, values in shipped["per_source"].items())
         audit = report_view.audit_markdown(report)
-        masked = shipped["shortcut_audit"]["conditions"]["lungs_masked"]["accuracy"]
-        assert "lung fields masked" in audit and f"{100 * masked:.1f}%" in audit
+        hidden = shipped["shortcut_audit"]["conditions"]["lungs_hidden"]["accuracy"]
+        assert "lung fields hidden" in audit and f"{100 * hidden:.1f}%" in audit
+        assert "Source probe" in audit and "Per-source confusion" in audit  # the whole battery, as trained
         assert [path.name for path, _ in report.figures()] == [
             "confusion_matrix.png", "roc_curves.png", "reliability_diagram.png"]
 

@@ -56,9 +56,13 @@ def test_folder_is_float16_shards_that_load_as_float32(report: dict):
         assert shard.stat().st_size <= 15 * 1000**2 + 64 * 1024, shard  # 15 MB shards (+ header)
         with safe_open(shard, "pt") as handle:
             assert {str(handle.get_slice(name).get_dtype()) for name in handle.keys()} <= {"F16", "I64"}  # noqa: SIM118
-    for name in ("configuration_cnn_lstm.py", "modeling_cnn_lstm.py", "image_processing_cnn_lstm.py"):
+    for name in ("configuration_cnn_lstm.py", "modeling_cnn_lstm.py", "image_processing_cnn_lstm.py",
+                 "lung_region_cnn_lstm.py"):  # fmt: skip
         assert (SHIPPED / name).is_file(), name
-    assert json.loads((SHIPPED / "preprocessor_config.json").read_text())["size"] == {"height": 224, "width": 224}
+    processor = json.loads((SHIPPED / "preprocessor_config.json").read_text())
+    assert processor["size"] == {"height": 224, "width": 224}
+    # the model that reads the lungs (issue 17): cropped to the lung fields in training and at inference alike
+    assert config["crop_to_lungs"] is True and processor["crop_to_lungs"] is True
 
 
 def test_card_states_the_report_numbers(report: dict):

@@ -88,6 +88,8 @@ def test_source_probe_names_an_encoded_source_and_not_a_hidden_one():
     assert blind["accuracy"] < 0.75
     one = audit._probe(encoded[:30], sources[:30], groups[:30], folds=5, seed=0)
     assert one["accuracy"] is None  # one source: nothing to tell apart
+    none = audit._probe(encoded[:0], [], [], folds=5, seed=0)  # a class absent from the split
+    assert none["n"] == 0 and none["accuracy"] is None
 
 
 def test_gradcam_equals_the_apps_captum_gradcam(make_checkpoint, tmp_path):

@@ -189,7 +189,7 @@ def _probe(features: np.ndarray, sources: Sequence[str], groups: Sequence[str], 
     from sklearn.preprocessing import StandardScaler
 
     counts = Counter(sources)
-    kept = np.asarray([counts[source] >= PROBE_MIN_IMAGES for source in sources])
+    kept = np.asarray([counts[source] >= PROBE_MIN_IMAGES for source in sources], dtype=bool)
     sources_kept = np.asarray(sources)[kept]
     if len(set(sources_kept)) < 2:
         return {"n": int(kept.sum()), "sources": dict(counts), "accuracy": None, "majority_baseline": None}
