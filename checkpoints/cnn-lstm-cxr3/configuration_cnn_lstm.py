@@ -55,6 +55,10 @@ class CnnLstmConfig(PreTrainedConfig):
             Temperature-scaling calibration: the reported logits are divided by it (argmax is unchanged).
         image_mean, image_std (`list[float]`, *optional*): Normalization statistics, copied into the processor.
             Default: ImageNet's, so that timm backbones with pretrained weights work unchanged.
+        crop_to_lungs (`bool`, *optional*, defaults to `False`):
+            The processor crops each image to its lung fields' bounding box (plus a 5% margin) before the resize,
+            so labels, markers and borders far from the lungs never reach the model. Copied into the processor;
+            `False` (the default, and every older checkpoint) is the paper's whole-image input.
     """
 
     model_type = "cnn_lstm"
@@ -79,6 +83,7 @@ class CnnLstmConfig(PreTrainedConfig):
         calibration_temperature: float = 1.0,
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
+        crop_to_lungs: bool = False,
         **kwargs: Any,
     ) -> None:
         for key in REMOVED_KEYS:  # PreTrainedConfig would keep an unknown key as an attribute and save it again
@@ -103,6 +108,7 @@ class CnnLstmConfig(PreTrainedConfig):
         self.calibration_temperature = calibration_temperature
         self.image_mean = list(image_mean) if image_mean is not None else list(IMAGENET_DEFAULT_MEAN)
         self.image_std = list(image_std) if image_std is not None else list(IMAGENET_DEFAULT_STD)
+        self.crop_to_lungs = crop_to_lungs
         self._validate()
         super().__init__(**kwargs)
         if self.id2label is not None and not self.label2id:
@@ -159,6 +165,8 @@ class CnnLstmConfig(PreTrainedConfig):
                 )
         if any(value <= 0 for value in self.image_std):
             raise ValueError(f"CnnLstmConfig.image_std must be positive, got {self.image_std!r}")
+        if not isinstance(self.crop_to_lungs, bool):
+            raise ValueError(f"CnnLstmConfig.crop_to_lungs must be True or False, got {self.crop_to_lungs!r}")
 
     @property
     def feature_map_size(self) -> int:

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from .lung_region_cnn_lstm import crop_to_lung_box
+
 try:
     from PIL import Image
 except ImportError:  # pragma: no cover - pillow comes with transformers' vision extras
@@ -187,6 +189,9 @@ class CnnLstmImageProcessor(BaseImageProcessor):
         do_normalize (`bool`, defaults to `True`): Subtract `image_mean` and divide by `image_std`.
         image_mean, image_std (`list[float]`): Per-channel statistics (ImageNet by default).
         num_channels (`int`, defaults to 3): Channels the model expects (1 or 3).
+        crop_to_lungs (`bool`, defaults to `False`):
+            Crop to the lung fields' bounding box plus a 5% margin (`lung_region_cnn_lstm.py`, a few ms) before
+            the resize. Set from the model config; `False` keeps the whole image (the paper, older checkpoints).
     """
 
     model_input_names = ["pixel_values"]
@@ -203,6 +208,7 @@ class CnnLstmImageProcessor(BaseImageProcessor):
         image_mean: Sequence[float] | None = None,
         image_std: Sequence[float] | None = None,
         num_channels: int = 3,
+        crop_to_lungs: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -216,6 +222,7 @@ class CnnLstmImageProcessor(BaseImageProcessor):
         self.image_mean = list(image_mean) if image_mean is not None else list(IMAGENET_DEFAULT_MEAN)[:num_channels]
         self.image_std = list(image_std) if image_std is not None else list(IMAGENET_DEFAULT_STD)[:num_channels]
         self.num_channels = num_channels
+        self.crop_to_lungs = crop_to_lungs
         self._check_settings(self.__dict__)
 
     @classmethod
@@ -226,6 +233,7 @@ class CnnLstmImageProcessor(BaseImageProcessor):
             "num_channels": config.num_channels,
             "image_mean": config.image_mean,
             "image_std": config.image_std,
+            "crop_to_lungs": getattr(config, "crop_to_lungs", False),
         }
         settings.update(kwargs)
         return cls(**settings)
@@ -244,12 +252,14 @@ class CnnLstmImageProcessor(BaseImageProcessor):
                 raise ValueError(f"{name} needs {settings['num_channels']} values, got {settings[name]!r}")
         if any(value <= 0 for value in settings["image_std"]):
             raise ValueError(f"image_std must be positive, got {settings['image_std']!r}")
+        if not isinstance(settings.get("crop_to_lungs", False), bool):
+            raise ValueError(f"crop_to_lungs must be True or False, got {settings['crop_to_lungs']!r}")
 
     def preprocess(self, images: Any, return_tensors: str | None = "pt", **kwargs: Any) -> BatchFeature:
         """Images (one or a batch) -> `BatchFeature` with `pixel_values` of shape (batch, C, H, W)."""
         settings = {key: kwargs.pop(key, getattr(self, key)) for key in (
             "do_resize", "size", "resize_mode", "pad_value", "do_rescale", "rescale_factor", "do_normalize",
-            "image_mean", "image_std", "num_channels",
+            "image_mean", "image_std", "num_channels", "crop_to_lungs",
         )}
         kwargs.pop("data_format", None)
         kwargs.pop("input_data_format", None)
@@ -269,6 +279,8 @@ class CnnLstmImageProcessor(BaseImageProcessor):
                 raise ValueError(f"image {index}: {error}") from None
             # HxWxC numpy -> CxHxW tensor
             tensor = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+            if settings["crop_to_lungs"]:
+                tensor = crop_to_lung_box(tensor)
             if settings["do_resize"]:
                 tensor = resize_tensor(tensor, settings["size"], settings["resize_mode"], settings["pad_value"])
             if settings["do_rescale"]:
