@@ -144,3 +144,27 @@ def test_exclude_sources_leaves_them_out_of_training_and_validation_only(tiny_co
     assert len(corpus["train"]) > len(kept["train"])  # the caller's dataset is not changed
     with pytest.raises(ValueError, match="unknown source"):
         exclude_sources(corpus, ["train"], "no-such-collection")
+
+
+def test_final_logits_are_the_fp32_graph_even_after_bf16_training(tiny_config, tmp_path: Path):
+    """The report scores the weights as they ship: no autocast in `predict_logits`, whatever the run's precision."""
+    from transformers import TrainingArguments
+
+    from modeling_cnn_lstm import CnnLstmForImageClassification
+    from train.training.trainer import batch_transform_for, make_trainer, predict_logits
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = CnnLstmForImageClassification(config)
+    rng = np.random.default_rng(0)
+    split = CachedSplit(rng.integers(0, 255, (10, 1, 32, 32), dtype=np.uint8), rng.integers(0, 3, 10))
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, bf16=True, per_device_eval_batch_size=4,
+                             report_to="none", remove_unused_columns=False)  # fmt: skip
+    trainer = make_trainer(model, args, split, split, batch_transform_for(config, 0.0, False))
+    trainer.train()  # one epoch under bf16 autocast: the Trainer's model now runs its forward in autocast
+    logits = predict_logits(trainer, split)
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()
+    with torch.no_grad():
+        expected = model(pixel_values=trainer.batch_transform(torch.from_numpy(split.pixels), train=False)).logits
+    assert logits.shape == (10, 3) and np.allclose(logits, expected.double().numpy(), atol=1e-6)
+    assert not torch.is_autocast_enabled("cpu")

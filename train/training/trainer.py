@@ -201,10 +201,28 @@ def make_trainer(
 
 
 def predict_logits(trainer: CxrTrainer, split: CachedSplit) -> np.ndarray:
-    """Logits (n, c) for a split in its original order (the config's temperature applied, normally 1 here)."""
-    output = trainer.predict(split.torch_dataset(), metric_key_prefix="predict")
-    logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
-    return np.asarray(logits, dtype=np.float64)
+    """Logits (n, c) for a split in its original order (the config's temperature applied, normally 1 here), from
+    the exact fp32 graph whatever the training precision: the report and the temperature then describe the model as
+    it ships and runs (a bf16-autocast prediction differs by up to a few hundredths in probability). Not through
+    `Trainer.predict`, whose model forward accelerate wraps in autocast; in DDP every process scores the whole split.
+    """
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    device = next(model.parameters()).device
+    dataset = split.torch_dataset()
+    batch_size = trainer.args.per_device_eval_batch_size
+    was_training, chunks = model.training, []
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(dataset), batch_size):
+                batch = collate_uint8(dataset.__getitems__(list(range(start, min(start + batch_size, len(dataset))))))
+                pixel_values = trainer.batch_transform(batch["pixel_values"].to(device), train=False)
+                chunks.append(model(pixel_values=pixel_values).logits.float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    if not chunks:
+        return np.zeros((0, model.config.num_labels))
+    return np.concatenate(chunks).astype(np.float64)
 
 
 def best_epoch(log_history: list[dict[str, Any]], metric: str, greater_is_better: bool) -> float | None:
