@@ -41,7 +41,7 @@ class ModelArguments:
     crop_to_lungs: bool = field(
         default=False,
         metadata={
-            "help": "Crop every image to its lung fields' box (+5%) before the resize, in training and (through the "
+            "help": "Crop every image to its lung fields' box (plus 5 percent) before the resize, in training and (through the "
             "saved processor config) at inference: what lies far from the lungs never reaches the model."
         },
     )
