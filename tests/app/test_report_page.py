@@ -116,7 +116,7 @@ class TestPage:
         ppv, npv = predictive_values(rates["sensitivity"], rates["specificity"], 0.05)
         text = app.prevalence_reading("COVID-19", 0.05)
         assert f"right about {100 * ppv:.0f}% of the time (PPV)" in text and f"about {100 * npv:.0f}% (NPV)" in text
-        assert round(100 * ppv) == 20  # 0.903 x 0.05 / (0.903 x 0.05 + 0.190 x 0.95), by hand: 0.200
+        assert round(100 * ppv) == 13  # 0.903 x 0.05 / (0.903 x 0.05 + 0.314 x 0.95), by hand: 0.131
         higher = app.prevalence_reading("COVID-19", 0.30)
         assert higher != text and "30% prevalence" in higher
         assert app.prevalence_reading(None, 0.05) == ""
