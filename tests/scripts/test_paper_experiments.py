@@ -51,7 +51,7 @@ def test_dry_run_packs_parts_that_unpack_into_a_loadable_checkpoint(mini_cxr3: P
 
     checkpoint = dest / "checkpoints" / "cnn-lstm-cxr3"
     card = (checkpoint / "README.md").read_text()
-    assert "{{" not in card and "### Shortcut audit" in card and "| lungs_masked |" in card
+    assert "{{" not in card and "### Shortcut audit" in card and "| lungs hidden |" in card
     assert "leaky image-level split" in card and "3-fold cross-validation" in card
     assert (dest / "results" / "timings.json").is_file() and (dest / "results" / "benchmark_train.json").is_file()
     assert not (dest / "results" / "checkpoints").exists()
