@@ -41,8 +41,8 @@ class ModelArguments:
     crop_to_lungs: bool = field(
         default=False,
         metadata={
-            "help": "Crop every image to its lung fields' box (plus 5 percent) before the resize, in training and (through the "
-            "saved processor config) at inference: what lies far from the lungs never reaches the model."
+            "help": "Crop every image to its lung fields' box (plus 5 percent) before the resize, in training and "
+            "(through the saved processor config) at inference: what lies far from the lungs never reaches the model."
         },
     )
     source_adversary_weight: float = field(
