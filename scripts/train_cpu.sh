@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the shipped CNN-LSTM on a CPU in the background, or resume it: the same command does both.
 #
-#   scripts/train_cpu.sh                                   # runs/cnn-lstm-cxr3-cpu, train/configs/paper_cpu.json
+#   scripts/train_cpu.sh                                   # runs/cnn-lstm-cxr3-cpu, train/configs/lungs_cpu.json
 #   OUTPUT_DIR=runs/x CONFIG=train/configs/tiny.json DATA_DIR=CORPUS scripts/train_cpu.sh --num_train_epochs 3
 #
 # Starts `python train/run.py --config $CONFIG --resume_from_checkpoint last ...` with nohup and returns at once.
@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUTPUT_DIR=${OUTPUT_DIR:-runs/cnn-lstm-cxr3-cpu}
-CONFIG=${CONFIG:-train/configs/paper_cpu.json}
+CONFIG=${CONFIG:-train/configs/lungs_cpu.json}
 DATA_DIR=${DATA_DIR:-../shared/data/cxr3}
 PYTHON=${PYTHON:-python}
 mkdir -p "$OUTPUT_DIR"
