@@ -209,15 +209,20 @@ def sources_markdown(report: ModelReport) -> str:
 
 
 def audit_markdown(report: ModelReport) -> str:
-    """The audit's own Markdown section as the training side rendered it (`markdown`), or an older audit's table."""
+    """The audit's own Markdown section as the training side rendered it (`markdown`), or an older audit's table;
+    then the model this one replaced, side by side, when the report holds that comparison."""
     audit = report.data.get("shortcut_audit")
+    previous = report.data.get("previous_model")
+    comparison = []
+    if isinstance(previous, dict) and isinstance(previous.get("markdown"), str):
+        comparison = [f"Side by side with the model it replaced ({previous.get('name', 'previous model')}), on the "
+                      f"same test images:\n\n{previous['markdown']}"]  # fmt: skip
     if not isinstance(audit, dict) or not isinstance(audit.get("conditions"), dict):
-        return (
-            "### Shortcut audit\n\nNot run for this checkpoint (`python scripts/shortcut_audit.py --help`): it would "
-            "show how the model does with the lung fields hidden."
-        )
-    intro = ("### Shortcut audit", "The same test images with the lung fields hidden, and with only them visible. "
-             "A model that reads the lungs should fall to chance without them.")  # fmt: skip
+        missing = ("### Shortcut audit\n\nNot run for this checkpoint (`python scripts/shortcut_audit.py --help`): it "
+                   "would show how the model does with the lung fields hidden.")  # fmt: skip
+        return "\n\n".join([missing, *comparison])
+    intro = ["### Shortcut audit", "The same test images with the lung fields hidden, and with only them visible. "
+             "A model that reads the lungs should fall to chance without them.", *comparison]  # fmt: skip
     if isinstance(audit.get("markdown"), str):
         return "\n\n".join([*intro, audit["markdown"]])
     names = report.label_names

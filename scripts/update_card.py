@@ -43,6 +43,14 @@ class UpdateCardArguments:
     cv_results: str | None = field(default=None, metadata={"help": "cv_results.json of a --cross_validation run."})
     cv_note: str | None = field(default=None, metadata={"help": "A sentence shown under the CV table."})
     shortcut_audit: str | None = field(default=None, metadata={"help": "shortcut_audit.json of the same model."})
+    previous_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "A Markdown file comparing this model with the one it replaces on the same images (report key "
+            "previous_model, shown in the card and the app's report tab); --previous_model_name names that model."
+        },
+    )
+    previous_model_name: str = field(default="previous model", metadata={"help": "Name of the replaced model."})
     lung_evidence_from: str | None = field(
         default=None,
         metadata={
@@ -119,6 +127,9 @@ def update_card(args: UpdateCardArguments) -> Path:
         report["cross_validation"]["note"] = args.cv_note
     if args.shortcut_audit:
         report["shortcut_audit"] = json.loads(Path(args.shortcut_audit).read_text())
+    if args.previous_model:
+        markdown = Path(args.previous_model).read_text(encoding="utf-8")
+        report["previous_model"] = {"name": args.previous_model_name, "markdown": markdown}
     if args.lung_evidence_from:
         validation = json.loads(Path(args.lung_evidence_from).read_text())
         report["lung_evidence"] = evidence_threshold(validation["attribution"]["shares"], validation["split"])

@@ -340,3 +340,25 @@ def test_a_battery_audit_shows_its_own_markdown_and_sets_the_apps_threshold(
     (tmp_path / "high.json").write_text(json.dumps(high))
     update.main(["--model_dir", str(folder), "--lung_evidence_from", str(tmp_path / "high.json")])
     assert json.loads((folder / "report" / "metrics.json").read_text())["lung_evidence"]["threshold"] == 0.5
+
+
+def test_the_model_it_replaced_is_shown_side_by_side(report_folder: tuple[Path, dict], tmp_path: Path, load_script):
+    """`update_card.py --previous_model` stores a comparison that the card, report.md and the report tab show; a
+    report without one renders exactly as before."""
+    import shutil
+
+    from cxr_app import report_view
+    from train.training.report import previous_model_section
+
+    assert previous_model_section(None) == "" and previous_model_section({"name": "x"}) == ""
+    folder = tmp_path / "final"
+    shutil.copytree(report_folder[0], folder)
+    before = (folder / "README.md").read_text()
+    (tmp_path / "cmp.md").write_text("| measure | v1 | v2 |\n|---|---|---|\n| lungs hidden | 51.7 | 34.4 |\n")
+    update = load_script("scripts/update_card.py")
+    update.main(["--model_dir", str(folder), "--previous_model", str(tmp_path / "cmp.md"), "--previous_model_name",
+                 "v1 (whole images)"])  # fmt: skip
+    for text in ((folder / "report" / "report.md").read_text(), (folder / "README.md").read_text()):
+        assert "Against the model it replaced (v1 (whole images))" in text and "| lungs hidden | 51.7 | 34.4 |" in text
+    assert "| lungs hidden | 51.7 | 34.4 |" in report_view.audit_markdown(report_view.load_report(folder / "report"))
+    assert "Against the model it replaced" not in before

@@ -25,6 +25,7 @@ from train.training.report import (
     per_class_table,
     per_source_table,
     percent,
+    previous_model_section,
     shortcut_audit_section,
 )
 
@@ -247,6 +248,7 @@ def card_context(report: dict[str, Any], info: dict[str, Any], report_folder: st
         "plots_markdown": plots,
         "calibration_fitted_on": report["calibration"]["fitted_on"],
         "shortcut_audit_section": shortcut_audit_section(report.get("shortcut_audit")),
+        "previous_model_section": previous_model_section(report.get("previous_model")),
         "leaky_protocol_row": leaky_protocol_row(report.get("leaky_protocol")),
     }
     return {key: str(value) for key, value in context.items()}

@@ -354,6 +354,15 @@ def shortcut_audit_section(audit: dict[str, Any] | None) -> str:
     return "\n".join([*lines, "", audit["interpretation"]])
 
 
+def previous_model_section(previous: dict[str, Any] | None) -> str:
+    """The model this one replaced, side by side on the same images (`update_card.py --previous_model`), or ""."""
+    if not isinstance(previous, dict) or not isinstance(previous.get("markdown"), str):
+        return ""
+    return f"#### Against the model it replaced ({previous.get('name', 'previous model')})\n\n" + previous[
+        "markdown"
+    ].rstrip("\n")
+
+
 def render_report_markdown(report: dict[str, Any]) -> str:
     figures = "\n".join(f"![{name}]({file})" for name, file in report["plots"].items())
     return "\n\n".join(
@@ -368,7 +377,8 @@ def render_report_markdown(report: dict[str, Any]) -> str:
             "## Per-source metrics",
             per_source_table(report),
             "## Shortcut audit",
-            shortcut_audit_section(report.get("shortcut_audit")),
+            "\n\n".join(filter(None, [shortcut_audit_section(report.get("shortcut_audit")),
+                                       previous_model_section(report.get("previous_model"))])),
             "## Cross-validation",
             cv_table(report.get("cross_validation")),
             "## Figures",
