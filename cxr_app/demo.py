@@ -125,13 +125,6 @@ class LoadedClassifier:
     black: torch.Tensor  # the processor's output for a black image: the IG baseline
     runner: CnnLstmFastInference | None = None  # the opt-in fast CPU path for Occlusion; None on a GPU
 
-    def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Predictions: the fast CPU runner where there is one, else the model itself (fp32, on its device)."""
-        if self.runner is not None:
-            return self.runner(pixel_values)
-        with torch.inference_mode():
-            return self.model(pixel_values=pixel_values.to(next(self.model.parameters()).device)).logits
-
     @property
     def temperature(self) -> float:
         return float(self.model.config.calibration_temperature)
