@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from train.atomic import DestinationExists, atomic_folder, check_destination
+from train.hub_preflight import PushError, check_push_access, push_with_retries
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPACE_CHECKPOINT = Path("checkpoints") / "cnn-lstm-cxr3"
@@ -42,6 +43,10 @@ class PushSpaceArguments:
     private: bool = field(default=False, metadata={"help": "Create the Space as private."})
     commit_message: str = field(default="Update the CNN-LSTM chest X-ray demo", metadata={"help": "Commit title."})
     dry_run: bool = field(default=False, metadata={"help": "Assemble only; do not contact the Hub."})
+    skip_push_check: bool = field(
+        default=False, metadata={"help": "Do not ask the Hub first whether the push can succeed (hub_preflight)."}
+    )
+    push_attempts: int = field(default=4, metadata={"help": "Tries of the upload on transient errors."})
 
 
 def _copy_files(source: Path, destination: Path, patterns: tuple[str, ...]) -> list[Path]:
@@ -75,16 +80,20 @@ def assemble_space(destination: Path, checkpoint: Path | None) -> list[str]:
     return sorted(str(path.relative_to(destination)) for path in destination.rglob("*") if path.is_file())
 
 
-def push_space(folder: Path, space_id: str, private: bool, commit_message: str) -> str:
-    """Create the Space if needed (sdk gradio) and upload the folder as one commit; returns the commit URL."""
+def push_space(folder: Path, space_id: str, private: bool, commit_message: str, attempts: int = 4) -> str:
+    """Create the Space if needed (sdk gradio) and upload the folder as one commit, retried on transient errors;
+    returns the commit URL, or raises PushError."""
     from huggingface_hub import HfApi
 
-    api = HfApi()
-    api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
-    info = api.upload_folder(
-        repo_id=space_id, repo_type="space", folder_path=folder, commit_message=commit_message
-    )
-    return info.commit_url
+    def push() -> str:
+        api = HfApi()
+        api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
+        info = api.upload_folder(
+            repo_id=space_id, repo_type="space", folder_path=folder, commit_message=commit_message
+        )
+        return info.commit_url
+
+    return push_with_retries(push, f"the Space {space_id}", attempts=attempts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
             check_destination(args.output_dir, args.overwrite)  # before anything is copied or deleted
         except DestinationExists as error:
             print(f"error: --output_dir {error}", file=sys.stderr)
+            return 2
+    if not args.dry_run and not args.skip_push_check:
+        try:  # before anything is assembled: a push that cannot succeed stops here, with its cause and fix
+            check_push_access(args.space_id, repo_type="space", flag="push_space.py")
+        except PushError as error:
+            print(f"error: {error}", file=sys.stderr)
             return 2
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_dir():
@@ -116,7 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print("\n".join(files))
             return 0
-        url = push_space(folder, args.space_id, args.private, args.commit_message)
+        try:
+            url = push_space(folder, args.space_id, args.private, args.commit_message, args.push_attempts)
+        except PushError as error:
+            kept = f"the assembled folder {folder} is intact; " if args.output_dir else ""
+            again = "push it later with the same command" + (" plus --overwrite" if args.output_dir else "")
+            print(f"error: {error}; {kept}{again} (assembling takes seconds).", file=sys.stderr)
+            return 1
         print(f"pushed: {url}")
     return 0
 

@@ -44,6 +44,7 @@ DEFAULT_LFS_PATTERNS = (
     "*.parquet", "*.arrow", "*.zip", "*.gz", "*.tar", "*.pkl", "*.pickle", "*.joblib",
 )
 # Switches that would send the clients offline or to the Hub's staging host instead of HF_ENDPOINT.
+WRITE_ROLES = ("admin", "write", "contributor")  # org roles that may create and write repos
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HUGGINGFACE_CO_STAGING")
 # Cache and token locations the test process may have pinned; the subprocess derives them all from its HF_HOME.
 CACHE_VARS = (
@@ -363,9 +364,31 @@ class _Handler(BaseHTTPRequestHandler):
             self._json({"error": f"hub stand-in crashed: {err!r}"}, 500)
 
     def _auth_user(self) -> str:
-        if not self.headers.get("Authorization", "").startswith("Bearer "):
+        """The user a `Bearer` token belongs to: any token is the stand-in's user unless `tokens` names the valid
+        ones (token -> user), as the Hub answers an unknown token with 401."""
+        header = self.headers.get("Authorization", "")
+        if not header.startswith("Bearer "):
             raise HubError(401, "Invalid credentials in Authorization header")
-        return self.server.standin.user
+        tokens = self.server.standin.tokens
+        if tokens is None:
+            return self.server.standin.user
+        if header[7:] not in tokens:
+            raise HubError(401, "Invalid username or password.")
+        return tokens[header[7:]]
+
+    def _writer(self, repo_id: str) -> str:
+        """The authenticated user, if they may write to `repo_id`'s namespace (their own, or an org where their role
+        is write/admin/contributor); 403 as the Hub answers otherwise. `refuse_writes` makes every write fail with
+        that status (a Hub outage, or a token revoked mid-run) and counts the refusals."""
+        standin = self.server.standin
+        user = self._auth_user()
+        if standin.refuse_writes is not None:
+            standin.refused += 1
+            raise HubError(standin.refuse_writes, "the stand-in refuses writes (refuse_writes)")
+        namespace = repo_id.split("/")[0]
+        if namespace != user and standin.orgs.get(namespace) not in WRITE_ROLES:
+            raise HubError(403, f"You don't have the rights to create or write to {repo_id}", "Forbidden")
+        return user
 
     def _body_json(self) -> Any:
         return json.loads(self.body or b"{}")
@@ -402,7 +425,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _route_api(self, method: str, seg: list[str]) -> bool:
         if seg == ["whoami-v2"] and method == "GET":
             user = self._auth_user()
-            auth = {"type": "access_token", "accessToken": {"displayName": "hub-standin", "role": "write"}}
+            standin = self.server.standin
+            auth = {"type": "access_token", "accessToken": {"displayName": "hub-standin", "role": standin.token_role}}
+            orgs = [{"type": "org", "name": name, "roleInOrg": role} for name, role in sorted(standin.orgs.items())]
             self._json(
                 {
                     "type": "user",
@@ -412,7 +437,7 @@ class _Handler(BaseHTTPRequestHandler):
                     "email": None,
                     "emailVerified": True,
                     "isPro": False,
-                    "orgs": [],
+                    "orgs": orgs,
                     "auth": auth,
                 }
             )
@@ -465,6 +490,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _create_repo(self) -> bool:
         user = self._auth_user()
         payload = self._body_json()
+        self._writer(f"{payload.get('organization') or user}/{payload['name']}")
         repo_type = payload.get("type") or "model"
         if repo_type not in URL_PREFIXES:
             raise HubError(400, f"unsupported repo type {repo_type!r}")
@@ -551,7 +577,7 @@ class _Handler(BaseHTTPRequestHandler):
         return True
 
     def _preupload(self, repo_type: str, repo_id: str, revision: str) -> bool:
-        self._auth_user()
+        self._writer(repo_id)
         state = self._store.repo(repo_type, repo_id)
         files = self._store.files(state, self._store.resolve(state, revision))
         answer = []
@@ -566,7 +592,7 @@ class _Handler(BaseHTTPRequestHandler):
         return True
 
     def _commit(self, repo_type: str, repo_id: str, revision: str) -> bool:
-        author = self._auth_user()
+        author = self._writer(repo_id)
         lines = [json.loads(line) for line in self.body.splitlines() if line.strip()]
         create_pr = self.query.get("create_pr") == "1"
         commit_id, branch = self._store.commit(repo_type, repo_id, revision, lines, create_pr, author)
@@ -645,7 +671,7 @@ class _Handler(BaseHTTPRequestHandler):
         return True
 
     def _lfs_batch(self, repo_type: str, repo_id: str) -> bool:
-        self._auth_user()
+        self._writer(repo_id)
         self._store.repo(repo_type, repo_id)
         payload = self._body_json()
         if payload.get("operation") != "upload":
@@ -683,8 +709,16 @@ class HubStandIn:
         user: str = "standin-user",
         lfs_patterns: tuple[str, ...] = DEFAULT_LFS_PATTERNS,
         lfs_threshold: int | None = 10_000_000,
+        tokens: dict[str, str] | None = None,
+        orgs: dict[str, str] | None = None,
+        token_role: str = "write",
     ) -> None:
         self.user = user
+        # Credentials and rights, as whoami-v2 reports them and writes enforce them (`_Handler._writer`): `tokens`
+        # (token -> user; None accepts any token as `user`), the user's `orgs` (name -> roleInOrg), the token's role.
+        self.tokens, self.orgs, self.token_role = tokens, dict(orgs or {}), token_role
+        self.refuse_writes: int | None = None  # an HTTP status every write is answered with, while set
+        self.refused = 0  # writes refused so far because of refuse_writes
         self.store = HubStore(Path(root), tuple(lfs_patterns), lfs_threshold)
         self.requests: list[tuple[str, str, int]] = []  # (method, raw path, status) of every answered request
         self.unknown_requests: list[tuple[str, str]] = []  # requests no route matched (answered 404)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import transformers
 
+from train.hub_preflight import PushError
 from train.training.arguments import parse_args
 from train.training.experiment import run
 
@@ -28,7 +29,10 @@ def main(argv: list[str] | None = None) -> Path | None:
         stream=sys.stderr,
     )
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-    final = run(model_args, data_args, eval_args, training_args)
+    try:
+        final = run(model_args, data_args, eval_args, training_args)
+    except PushError as error:  # one sentence, no traceback: before training (preflight) or after (folder kept)
+        sys.exit(f"error: {error}")
     if final is not None:
         logging.getLogger("train.run").info("done: %s", final)
     return final

@@ -150,3 +150,18 @@ def test_existing_output_dir_is_kept_unless_overwrite(tmp_path):
     assert replaced.returncode == 0, replaced.stderr
     assert (output / "app.py").is_file() and not (output / "notes.txt").exists()
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".space.")]  # no staging left behind
+
+
+def test_space_push_checked_before_assembly(hub_standin, tmp_path):
+    """A Space in someone else's namespace is refused by the preflight before anything is assembled."""
+    env = hub_env(hub_standin.endpoint, tmp_path / "hf-home")
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "push_space.py"), "--space_id", "someone-else/demo",
+         "--output_dir", str(tmp_path / "space")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert completed.returncode == 2, completed.stdout + completed.stderr
+    assert "push_space.py: the token belongs to standin-user, not someone-else" in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert not (tmp_path / "space").exists(), "the Space was assembled before the check"
+    assert not hub_standin.store.repos

@@ -215,6 +215,16 @@ class EvaluationArguments:
     push_metric_to_hub: str | None = field(
         default=None, metadata={"help": "Also publish train/metrics/cxr_metrics as this Hub Space id."}
     )
+    skip_push_check: bool = field(
+        default=False,
+        metadata={
+            "help": "Do not check before training that --push_to_hub / --push_metric_to_hub can succeed (offline "
+            "mode, endpoint, token, repo id, write access: train/hub_preflight.py). For a Hub reachable only later."
+        },
+    )
+    push_attempts: int = field(
+        default=4, metadata={"help": "Tries per push; transient errors (network, 408/429/5xx) wait 2, 4, 8 s."}
+    )
 
     def __post_init__(self) -> None:
         if self.cross_validation in (1, 2) or self.cross_validation < 0:
@@ -226,6 +236,8 @@ class EvaluationArguments:
             raise ValueError("--bootstrap_samples must be >= 0")
         if self.selection_window < 1:
             raise ValueError(f"--selection_window must be >= 1, got {self.selection_window}")
+        if self.push_attempts < 1:
+            raise ValueError(f"--push_attempts must be >= 1, got {self.push_attempts}")
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, EvaluationArguments, TrainingArguments)

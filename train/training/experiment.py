@@ -19,6 +19,7 @@ from datasets import DatasetDict, concatenate_datasets
 from transformers import TrainingArguments
 
 from modeling_cnn_lstm import CnnLstmConfig
+from train.hub_preflight import check_push_access
 from train.training.arguments import DataArguments, EvaluationArguments, ModelArguments
 from train.training.calibration import fit_temperature
 from train.training.context import RunContext
@@ -179,19 +180,27 @@ def run(
     # The token leaves TrainingArguments before anything else happens: the Trainer pickles them into every
     # checkpoint's training_args.bin, which may be shared or pushed. The pushes get it from the context instead.
     hub_token, training_args.hub_token = training_args.hub_token, None
-    if training_args.push_to_hub and not training_args.hub_model_id:
-        raise ValueError("--push_to_hub needs --hub_model_id")
     if data_args.hide_lungs and (model_args.low_res_epochs > 0 or model_args.crop_to_lungs):
         raise ValueError("--hide_lungs (a diagnostic) cannot be combined with --low_res_epochs or --crop_to_lungs")
     if eval_args.cross_validation and model_args.low_res_epochs > 0:
         raise ValueError("--low_res_epochs (progressive resizing) is not supported with --cross_validation")
     if eval_args.final_model_dir is None:
         eval_args.final_model_dir = str(Path(training_args.output_dir) / "final")
+    if not eval_args.skip_push_check:  # before any data is read: a push that cannot succeed stops the run now
+        check_pushes(training_args, eval_args, hub_token)
     ctx = prepare(model_args, data_args, eval_args, training_args)
     ctx.hub_token = hub_token
     final = cross_validate(ctx) if eval_args.cross_validation else single_run(ctx)
     shutdown_distributed()
     return final
+
+
+def check_pushes(training_args: TrainingArguments, eval_args: EvaluationArguments, token: str | None) -> None:
+    """The preflight of every push the run will make (train/hub_preflight.py); raises PushError with one sentence."""
+    if training_args.push_to_hub:
+        check_push_access(training_args.hub_model_id, token=token, flag="--push_to_hub")
+    if eval_args.push_metric_to_hub:
+        check_push_access(eval_args.push_metric_to_hub, repo_type="space", token=token, flag="--push_metric_to_hub")
 
 
 def shutdown_distributed() -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from modeling_cnn_lstm import CnnLstmForImageClassification, CnnLstmImageProcessor
+from train.hub_preflight import PushError, command_line, push_with_retries
 
 logger = logging.getLogger(__name__)
 METRIC_DIR = Path(__file__).resolve().parents[1] / "metrics" / "cxr_metrics"
@@ -52,6 +53,41 @@ def save_model_files(
         config["dtype"] = "float32"
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     CnnLstmImageProcessor.from_model_config(model.config).save_pretrained(folder)
+
+
+def publish(
+    folder: Path | None,
+    *,
+    hub_model_id: str | None = None,
+    private: bool | None = None,
+    metric_id: str | None = None,
+    token: str | None = None,
+    token_given: bool = False,
+    attempts: int = 4,
+    base_wait: float = 2.0,
+) -> None:
+    """Push the saved model folder and/or the metric module, each retried on transient errors. If a push fails,
+    raise one PushError that names what failed, that `folder` is intact, and the command that pushes it later
+    (scripts/push_model.py; with `token_given` the command asks for --hub_token again, never carrying the token)."""
+    failures = []
+    token_flag = ("--hub_token", "YOUR_TOKEN") if token_given else ()
+    if hub_model_id is not None and folder is not None:
+        try:
+            push_with_retries(lambda: push_folder(folder, hub_model_id, token, private),
+                              f"{folder} to {hub_model_id}", attempts=attempts, base_wait=base_wait)  # fmt: skip
+        except PushError as error:
+            words = ["--model_dir", str(folder), "--hub_model_id", hub_model_id, *(["--private"] if private else [])]
+            command = command_line("python", "scripts/push_model.py", *words, *token_flag)
+            failures.append(f"{error}; the model folder {folder} is intact: push it later with `{command}`")
+    if metric_id is not None:
+        try:
+            push_with_retries(lambda: push_metric(metric_id, token), f"the metric module to the Space {metric_id}",
+                              attempts=attempts, base_wait=base_wait)  # fmt: skip
+        except PushError as error:
+            command = command_line("python", "scripts/push_model.py", "--push_metric_to_hub", metric_id, *token_flag)
+            failures.append(f"{error}; push it later with `{command}`")
+    if failures:
+        raise PushError(". ".join(failures) + ".")
 
 
 def push_folder(folder: Path, repo_id: str, token: str | None = None, private: bool | None = None) -> str:

@@ -23,7 +23,7 @@ from modeling_cnn_lstm import CnnLstmForImageClassification, CnnLstmImageProcess
 from train.atomic import atomic_folder
 from train.training.context import RunContext
 from train.training.epoch_log import LOG_NAME, EpochLogCallback
-from train.training.hub_folder import push_folder, push_metric, save_model_files
+from train.training.hub_folder import publish, save_model_files
 from train.training.input_pipeline import CachedSplit
 from train.training.model_card import write_model_card
 from train.training.report import write_report
@@ -172,9 +172,14 @@ def finalize(
         )
         write_model_card(folder / "README.md", report, info, ctx.eval_args.model_card_template)
     logger.info("final model folder written to %s", destination)
-    if ctx.push_to_hub:
-        args = ctx.training_args
-        push_folder(destination, args.hub_model_id, ctx.hub_token, args.hub_private_repo)
-    if ctx.eval_args.push_metric_to_hub:
-        push_metric(ctx.eval_args.push_metric_to_hub, ctx.hub_token)
+    if ctx.push_to_hub or ctx.eval_args.push_metric_to_hub:  # a failure raises PushError naming the retry command
+        publish(
+            destination,
+            hub_model_id=ctx.training_args.hub_model_id if ctx.push_to_hub else None,
+            private=ctx.training_args.hub_private_repo,
+            metric_id=ctx.eval_args.push_metric_to_hub,
+            token=ctx.hub_token,
+            token_given=ctx.hub_token is not None,
+            attempts=ctx.eval_args.push_attempts,
+        )
     return destination
