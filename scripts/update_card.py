@@ -19,19 +19,17 @@ existed gain them, and their macro intervals come out as before (within the CSV'
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from transformers import HfArgumentParser
 
 from train.atomic import atomic_write_text
 from train.metrics.cxr_metrics.cxr_metrics import compute_classification_metrics
 from train.training.model_card import DEFAULT_TEMPLATE, card_context, render_model_card
-from train.training.report import PREDICTIONS_FILE, bootstrap_intervals, render_report_markdown
+from train.training.report import PREDICTIONS_FILE, bootstrap_intervals, read_predictions, render_report_markdown
 from train.training.shortcut_audit import evidence_threshold
 
 SEED_IN_SUMMARY = re.compile(r"\bseed (\d+)\.")  # model_card.training_summary: "...; seed 42."
@@ -75,19 +73,6 @@ class UpdateCardArguments:
     )
 
 
-def read_predictions(path: Path, label_names: list[str]) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
-    """(probabilities, label indices, patient ids or None) from a report's predictions.csv."""
-    with path.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    columns = [f"p_{name}" for name in label_names]
-    if not rows or any(column not in rows[0] for column in columns):
-        raise SystemExit(f"{path} has no rows or lacks the columns {columns}")
-    probabilities = np.array([[float(row[column]) for column in columns] for row in rows])
-    labels = np.array([label_names.index(row["label"]) for row in rows], dtype=np.int64)
-    groups = [row["patient_id"] for row in rows] if "patient_id" in rows[0] else None
-    return probabilities, labels, groups
-
-
 def resolve_seed(report: dict, given: int | None) -> int:
     """The bootstrap seed: given, else stored with the intervals, else the run's seed (training passes --seed)."""
     if given is not None:
@@ -103,7 +88,10 @@ def resolve_seed(report: dict, given: int | None) -> int:
 def recompute_bootstrap(report: dict, report_dir: Path, seed: int) -> dict:
     """The `bootstrap` section again, from predictions.csv, after checking that the CSV is this report's."""
     names = list(report["label_names"])
-    probabilities, labels, groups = read_predictions(report_dir / PREDICTIONS_FILE, names)
+    try:
+        probabilities, labels, groups, _ = read_predictions(report_dir / PREDICTIONS_FILE, names)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     bins = len(report["metrics"].get("calibration_bins") or []) or 15
     check = compute_classification_metrics(probabilities, labels, names, input_type="probabilities", ece_bins=bins)
     for key in ("num_samples", "accuracy", "macro_auc"):

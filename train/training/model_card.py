@@ -20,6 +20,7 @@ from train.training.context import RunContext
 from train.training.hardware import hardware
 from train.training.report import (
     calibration_table,
+    comparison_section,
     cv_table,
     intervals_table,
     per_class_table,
@@ -249,9 +250,16 @@ def card_context(report: dict[str, Any], info: dict[str, Any], report_folder: st
         "calibration_fitted_on": report["calibration"]["fitted_on"],
         "shortcut_audit_section": shortcut_audit_section(report.get("shortcut_audit")),
         "previous_model_section": previous_model_section(report.get("previous_model")),
+        "comparison_section": comparison_section(report.get("comparison")) or NO_COMPARISON,
         "leaky_protocol_row": leaky_protocol_row(report.get("leaky_protocol")),
     }
     return {key: str(value) for key, value in context.items()}
+
+
+NO_COMPARISON = (
+    "Not run for this checkpoint. `scripts/compare_cnn_lstm.sh` trains the paper's competitive CNN (the same trunk "
+    "with a dense head) with the same recipe and compares the two on the same test images."
+)
 
 
 def leaky_protocol_row(metrics: dict[str, Any] | None) -> str:

@@ -203,6 +203,20 @@ def predictions_csv(
     return buffer.getvalue()
 
 
+def read_predictions(path: Path, label_names: list[str]) -> tuple[np.ndarray, np.ndarray, list[str] | None, list[str]]:
+    """(probabilities, label indices, patient ids or None, image keys) from a report's predictions.csv."""
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    columns = [f"p_{name}" for name in label_names]
+    if not rows or any(column not in rows[0] for column in columns):
+        raise ValueError(f"{path} has no rows or lacks the columns {columns}")
+    probabilities = np.array([[float(row[column]) for column in columns] for row in rows])
+    labels = np.array([label_names.index(row["label"]) for row in rows], dtype=np.int64)
+    groups = [row["patient_id"] for row in rows] if "patient_id" in rows[0] else None
+    keys = [row.get("sha256") or row["index"] for row in rows]
+    return probabilities, labels, groups, keys
+
+
 def percent(value: float | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
 
@@ -363,6 +377,25 @@ def previous_model_section(previous: dict[str, Any] | None) -> str:
     ].rstrip("\n")
 
 
+def comparison_section(comparison: dict[str, Any] | None, from_report_folder: bool = False) -> str:
+    """The paper's experiment, this network against its companion (scripts/compare_models.py), or "". Links and the
+    figure are stored relative to the model folder (the card's place); report.md sits one level down in report/."""
+    if not isinstance(comparison, dict) or not isinstance(comparison.get("markdown"), str):
+        return ""
+    text = comparison["markdown"].rstrip("\n")
+    figure = comparison.get("figure")
+    link = comparison.get("companion_link")
+    if from_report_folder and link:
+        link = f"../{link}"
+    if not from_report_folder and figure:
+        text = text.replace(f"]({figure})", f"](report/{figure})")
+    if link:
+        label = comparison.get("companion_label", comparison.get("companion", "the other network"))
+        text = (f"The other network: [{label}]({link}) (`{comparison.get('companion', link)}`), trained on the same "
+                f"corpus with the same recipe.\n\n{text}")  # fmt: skip
+    return text
+
+
 def render_report_markdown(report: dict[str, Any]) -> str:
     figures = "\n".join(f"![{name}]({file})" for name, file in report["plots"].items())
     return "\n\n".join(
@@ -377,10 +410,19 @@ def render_report_markdown(report: dict[str, Any]) -> str:
             "## Per-source metrics",
             per_source_table(report),
             "## Shortcut audit",
-            "\n\n".join(filter(None, [shortcut_audit_section(report.get("shortcut_audit")),
-                                       previous_model_section(report.get("previous_model"))])),
+            "\n\n".join(
+                filter(
+                    None,
+                    [
+                        shortcut_audit_section(report.get("shortcut_audit")),
+                        previous_model_section(report.get("previous_model")),
+                    ],
+                )
+            ),
             "## Cross-validation",
             cv_table(report.get("cross_validation")),
+            *(["## CNN-LSTM against the competitive CNN", comparison_section(report.get("comparison"), True)]
+              if comparison_section(report.get("comparison")) else []),  # fmt: skip
             "## Figures",
             figures,
         ]
