@@ -31,7 +31,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -297,12 +297,18 @@ class LowPriorityWorker:
     def run(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self.niceness == 0:
             return function(*args, **kwargs)
+        return self.submit(function, *args, **kwargs).result()
+
+    def submit(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        """Queue the call in the worker without waiting (background work such as choosing the fast path); with
+        `niceness=0` it still runs in the worker thread, at normal priority."""
         with self._lock:
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix="slow-saliency", initializer=self._start)
+                initializer = self._start if self.niceness else None
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="slow-saliency", initializer=initializer)
         context = contextvars.copy_context()
         threads = _torch_threads()
-        return self._executor.submit(context.run, _with_threads, threads, function, *args, **kwargs).result()
+        return self._executor.submit(context.run, _with_threads, threads, function, *args, **kwargs)
 
 
 def _torch_threads() -> int | None:

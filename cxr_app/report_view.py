@@ -237,6 +237,20 @@ def audit_markdown(report: ModelReport) -> str:
     return "\n\n".join(parts)
 
 
+def comparison_view(report: ModelReport) -> tuple[str, Path | None] | None:
+    """The paper's experiment (this network against the competitive CNN, scripts/compare_models.py) as the page shows
+    it: the Markdown without its figure line, and the figure (the paper's Fig. 6 layout) when it is there."""
+    comparison = report.data.get("comparison")
+    if not isinstance(comparison, dict) or not isinstance(comparison.get("markdown"), str):
+        return None
+    figure = comparison.get("figure")
+    lines = [line for line in comparison["markdown"].splitlines() if not (figure and line.endswith(f"]({figure})"))]
+    text = "### CNN-LSTM against the paper's competitive CNN\n\nBoth trained on the same corpus with the same recipe "
+    text += "and scored once on the same test images.\n\n" + "\n".join(lines).strip()
+    path = report.folder / figure if isinstance(figure, str) and Path(figure).name == figure else None
+    return text, path if path is not None and path.is_file() else None
+
+
 def no_report_markdown(source: str) -> str:
     return (
         "## No model report\n\nThe served checkpoint "

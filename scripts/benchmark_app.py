@@ -42,6 +42,7 @@ from transformers import HfArgumentParser
 
 from cxr_app.demo import CxrDemo, build_demo, default_checkpoint, launch
 from cxr_app.limits import FairUse
+from cxr_app.loading import choose_fast_path
 from cxr_app.saliency import GRAD_CAM, INTEGRATED_GRADIENTS, OCCLUSION
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -408,10 +409,9 @@ def main(argv: list[str] | None = None) -> dict:
         for threads in args.threads:
             torch.set_num_threads(threads)
             classifier = app.classifier
-            if classifier.runner is not None:  # the app measures its runner at start-up, for its thread count
-                classifier.runner = classifier.model.fast_cpu_inference()
-                classifier.explainer.no_grad_logits = classifier.runner  # Occlusion too (as load_classifier does)
-                print(f"  {threads} thread(s): predictions on {classifier.runner.backend}: {classifier.runner.reason}")
+            if classifier.model.device.type == "cpu":  # as the served app does after start-up, for this thread count
+                choose_fast_path(classifier)
+                print(f"  {threads} thread(s): Occlusion on {classifier.runner.backend}: {classifier.runner.reason}")
             for step, target in TARGETS.items():
                 repeats = args.fast_repeats if target <= 1.5 else args.slow_repeats
                 times = time_calls(step, app, images, repeats)

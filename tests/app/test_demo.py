@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from cxr_app import demo as demo_module
+from cxr_app import endpoints as endpoints_module
 from cxr_app import guardrails, uploads
 from cxr_app.demo import CxrDemo, ModelUnavailable
 from cxr_app.uploads import (
@@ -223,8 +224,11 @@ class TestPredict:
 
         from modeling_cnn_lstm.fast_inference_cnn_lstm import CANDIDATES
 
-        runner = app.classifier.runner  # the app opts in to the fast CPU path for Occlusion
+        assert app.classifier.runner is None  # not chosen at start-up: launch() starts the choice in the background
+        assert app.start_fast_path().result(timeout=300) in CANDIDATES  # then Occlusion opts in to the fast path
+        runner = app.classifier.runner
         assert runner is not None and runner.backend in CANDIDATES and runner.reason
+        assert app.classifier.explainer.no_grad_logits is runner
         tolerance = 1e-5  # predictions: the eager fp32 pass that also gives their Grad-CAM
         model = AutoModelForImageClassification.from_pretrained(checkpoint).eval()
         processor = app.classifier.processor
@@ -242,9 +246,10 @@ class TestPredict:
 
     def test_low_confidence_and_calibration_are_said(self, tmp_path, make_checkpoint, example_xrays, caplog):
         make_checkpoint(tmp_path, calibration_temperature=1000.0)  # every answer close to 1/3
-        with caplog.at_level("INFO", logger="cxr_app.demo"):
+        with caplog.at_level("INFO", logger="cxr_app.loading"):
             app = CxrDemo.from_source(str(tmp_path))
-        assert f"Occlusion runs on {app.classifier.runner.backend}: " in caplog.text
+            app.start_fast_path().result(timeout=300)
+        assert f"Occlusion now runs on {app.classifier.runner.backend}: " in caplog.text
         scores, summary = app.predict(str(example_xrays["normal"][0]))
         assert max(scores.values()) < 0.34
         assert "Low confidence" in summary and "calibrated with temperature 1000.00" in summary
@@ -341,7 +346,7 @@ def test_no_model_states(tmp_path, monkeypatch, checkpoint, make_checkpoint):
 def test_user_errors_never_leak_tracebacks():
     import gradio as gr
 
-    @demo_module._as_user_error("testing")
+    @endpoints_module.as_user_error("testing")
     def fails(exception: Exception) -> None:
         raise exception
 
