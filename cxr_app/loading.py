@@ -9,9 +9,14 @@ installed (non-editable) copy of this package never looks inside site-packages f
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import json
 import logging
 import os
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,9 +89,11 @@ class LoadedClassifier:
     processor: CnnLstmImageProcessor
     explainer: Explainer
     labels: list[str]
-    source: str
+    source: str  # shown to users: the path or Hub id, and the revision
     black: torch.Tensor  # the processor's output for a black image: the IG baseline
     runner: Any = None  # CnnLstmFastInference for Occlusion once `choose_fast_path` ran; until then eager fp32
+    path: str = ""  # what was loaded: a folder or Hub id ...
+    revision: str | None = None  # ... at this revision
 
     @property
     def temperature(self) -> float:
@@ -144,19 +151,39 @@ def load_classifier(source: str, revision: str | None = None, settings: Saliency
         raise ModelUnavailable(no_model_message(reason)) from None
     labels = [model.config.id2label[index] for index in range(model.config.num_labels)]
     logger.info("serving %s%s on %s", source, at, device)
-    return LoadedClassifier(model, processor, explainer, labels, f"{source}{at}", black)
+    release_freed_memory()  # the float16 shards' temporary copies
+    shown = f"{source}{at}"
+    return LoadedClassifier(model, processor, explainer, labels, shown, black, path=source, revision=revision)
 
 
 def choose_fast_path(classifier: LoadedClassifier) -> str:
-    """Time the CPU candidates (channels_last, ONNX Runtime, bf16 where native; modeling_cnn_lstm's
-    fast_inference_cnn_lstm.py) and give Occlusion's 49 gradient-free forwards the fastest that matches eager fp32.
-    Seconds of CPU: the app runs it in its low-priority worker after start-up (`CxrDemo.start_fast_path`), never
-    on the start-up path; until it is done, Occlusion runs in eager fp32 like everything else. Gradient maps and
-    predictions always keep the eager fp32 graph (a prediction needs its Grad-CAM). Returns what was chosen."""
+    """Give Occlusion's 49 gradient-free forwards the fastest CPU path that matches eager fp32. The candidates are
+    timed in a separate process (cxr_app/fast_path_trial.py: its memory goes back when it exits), then only the
+    winner is built here. Seconds of CPU: the app runs this in its low-priority worker after start-up
+    (`CxrDemo.start_fast_path`), never on the start-up path; until it is done, and if the trial fails, Occlusion
+    runs in eager fp32 like everything else. Predictions and gradient maps always keep the eager fp32 graph (a
+    prediction needs its Grad-CAM). Returns the backend now used."""
     if next(classifier.model.parameters()).device.type != "cpu":
         return "not on a CPU: eager"
-    runner = classifier.model.fast_cpu_inference()
+    command = [sys.executable, "-m", "cxr_app.fast_path_trial", classifier.path,
+               *([classifier.revision] if classifier.revision else []), "--threads", str(torch.get_num_threads())]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the files are local or in the cache: the app loaded them
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment,
+                               cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    if completed.returncode != 0:
+        tail = (completed.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"the fast-path trial failed ({completed.returncode}): {tail}")
+    decision = json.loads(completed.stdout.strip().splitlines()[-1])
+    runner = classifier.model.fast_cpu_inference(decision["backend"])  # the winner only, checked against eager fp32
+    runner.timings, runner.reason = decision["timings"], f"{decision['reason']} (trial in a separate process)"
     classifier.runner = runner
     classifier.explainer.no_grad_logits = runner  # one attribute write: Occlusion switches atomically
+    release_freed_memory()
     logger.info("Occlusion now runs on %s: %s", runner.backend, runner.reason)
     return runner.backend
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the system (glibc keeps them otherwise, and the RSS would stay at its peak)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -18,6 +18,13 @@ address): `--normal_clients` users loop on /predict over the example X-rays (pau
 while `--heavy_clients` loop on /explain with Integrated Gradients without pause, for `--duration_s` seconds after
 a `--baseline_s` phase with the normal users alone. Prints /predict p50/p95 per phase, the normal users' errors
 (goal: p95 <= 2 s, none) and how many IG maps were served and how many refused by the rate limit.
+
+`--startup` instead times `--startup_runs` cold starts of `python app.py` (the shipped checkpoint unless --model)
+beside as many of the bare imports that serving needs (`import torch, gradio, transformers; from transformers
+import PreTrainedModel`), alternating, in this run: seconds from process start to the first page (GET / answers 200)
+and to the first /predict answer (gradio_client, a real X-ray), the server's RSS once the page answers, and its RSS
+once idle after the first prediction and the background choice of the fast path; medians, with the ratios to the
+floor. Goals (issue 18): first page <= 1.25x the bare imports, idle RSS <= their max RSS + 250 MB.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -78,6 +86,8 @@ class BenchmarkAppArguments:
     server_env: list[str] = field(
         default_factory=list, metadata={"help": "Fairness: extra NAME=VALUE settings for the app's process."}
     )
+    startup: bool = field(default=False, metadata={"help": "Run the cold-start check instead (see above)."})
+    startup_runs: int = field(default=3, metadata={"help": "Startup: cold starts of each kind (median printed)."})
 
 
 def real_xrays(data_dir: str, count: int) -> list[Path]:
@@ -391,10 +401,117 @@ def time_batch(app: CxrDemo, images: list[Path], tmp: Path) -> dict:
     return timings
 
 
+BARE_IMPORTS = "import torch, gradio, transformers; from transformers import PreTrainedModel"
+FAST_PATH_CHOSEN = re.compile(r"Occlusion (now )?runs on")  # logged once the fast path is chosen (before: at start-up)
+
+
+def rss_mb(pid: int, key: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {key} for {pid}")
+
+
+def bare_import_start(env: dict[str, str]) -> dict:
+    """Seconds until a fresh interpreter has done only the imports that serving needs (it prints a line then; its
+    exit, which tears torch down, is not counted), and its max RSS (MB)."""
+    start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-c", BARE_IMPORTS + "; print('imported', flush=True)"], env=env,
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+    line = process.stdout.readline()
+    seconds = time.perf_counter() - start
+    process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0 or line.strip() != "imported":
+        raise SystemExit(f"the bare imports failed ({process.returncode})")
+    return {"seconds": seconds, "max_rss_mb": usage.ru_maxrss / 1024}
+
+
+def app_cold_start(model: str | None, env: dict[str, str], folder: Path, xray: Path) -> dict:
+    """One cold start of `python app.py`: first page, first prediction, RSS at the page and once idle."""
+    from gradio_client import Client, handle_file
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = folder / f"server-{port}.log"
+    command = [sys.executable, str(REPO_ROOT / "app.py"), "--port", str(port), *(["--model", model] if model else [])]
+    with log_path.open("w") as log:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env={**env, "GRADIO_TEMP_DIR": str(folder / "gradio")},
+                                   stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        while True:
+            if process.poll() is not None or time.perf_counter() - start > 300:
+                raise SystemExit(f"the app did not start:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url + "/", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.05)
+        first_page = time.perf_counter() - start
+        rss_page = rss_mb(process.pid)
+        Client(url, verbose=False).predict(handle_file(str(xray)), api_name="/predict")
+        first_prediction = time.perf_counter() - start
+        deadline = time.perf_counter() + 120
+        while not FAST_PATH_CHOSEN.search(log_path.read_text()) and time.perf_counter() < deadline:
+            time.sleep(0.5)
+        time.sleep(2.0)  # idle
+        return {"first_page_s": first_page, "first_prediction_s": first_prediction, "rss_page_mb": rss_page,
+                "rss_idle_mb": rss_mb(process.pid), "hwm_mb": rss_mb(process.pid, "VmHWM"),
+                "fast_path_chosen": bool(FAST_PATH_CHOSEN.search(log_path.read_text()))}  # fmt: skip
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def run_startup(args: BenchmarkAppArguments) -> dict:
+    import statistics
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    xray = sorted((REPO_ROOT / "examples").glob("normal-*.jpg"))[0]
+    bare, app = [], []
+    with tempfile.TemporaryDirectory(prefix="benchmark-startup-") as tmp:
+        for run in range(args.startup_runs):  # alternating, so a busy moment hits both alike
+            bare.append(bare_import_start(env))
+            app.append(app_cold_start(args.model, env, Path(tmp), xray))
+            last_bare, last = bare[-1], app[-1]
+            print(f"run {run + 1}: bare imports {last_bare['seconds']:.2f} s, {last_bare['max_rss_mb']:.0f} MB; "
+                  f"app: first page {last['first_page_s']:.2f} s, first prediction {last['first_prediction_s']:.2f} "
+                  f"s, RSS {last['rss_page_mb']:.0f} MB at the page, {last['rss_idle_mb']:.0f} MB idle",
+                  flush=True)  # fmt: skip
+    median = {key: statistics.median(run[key] for run in app) for key in app[0] if key != "fast_path_chosen"}
+    floor_s = statistics.median(run["seconds"] for run in bare)
+    floor_mb = statistics.median(run["max_rss_mb"] for run in bare)
+    result = {"bare_imports_s": floor_s, "bare_imports_max_rss_mb": floor_mb, **median,
+              "first_page_ratio": median["first_page_s"] / floor_s,
+              "first_prediction_ratio": median["first_prediction_s"] / floor_s,
+              "idle_rss_over_floor_mb": median["rss_idle_mb"] - floor_mb,
+              "runs": {"bare": bare, "app": app}}  # fmt: skip
+    print(f"\nmedian of {args.startup_runs} cold starts each (model: {args.model or 'the shipped checkpoint'})")
+    print("| | seconds | ratio to the bare imports | RSS (MB) |\n|---|---|---|---|")
+    print(f"| bare imports (the floor) | {floor_s:.2f} | 1.00 | {floor_mb:.0f} (max) |")
+    print(f"| app: first page | {median['first_page_s']:.2f} | {result['first_page_ratio']:.2f} | "
+          f"{median['rss_page_mb']:.0f} |")  # fmt: skip
+    print(f"| app: first /predict | {median['first_prediction_s']:.2f} | {result['first_prediction_ratio']:.2f} | |")
+    print(f"| app: idle after it (fast path chosen) | | | {median['rss_idle_mb']:.0f} "
+          f"(floor + {result['idle_rss_over_floor_mb']:.0f}; peak {median['hwm_mb']:.0f}) |")  # fmt: skip
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(result, indent=2))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(BenchmarkAppArguments).parse_args_into_dataclasses(args=argv)
     if args.fairness:
         return run_fairness(args)
+    if args.startup:
+        return run_startup(args)
     warnings.filterwarnings("ignore", category=UserWarning)  # gr.Warning outside a request: low-confidence notes
     import gradio  # noqa: F401 - imported before timing: predict uses it for warnings
 
