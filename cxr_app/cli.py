@@ -65,7 +65,7 @@ def print_table(rows: list[dict[str, str]]) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m cxr_app", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    predict = commands.add_parser("predict", help="classify chest X-ray files (PNG, JPEG, BMP, TIFF, DICOM)")
+    predict = commands.add_parser("predict", help="classify chest X-ray files (PNG, JPEG, BMP, TIFF, WebP, DICOM)")
     predict.add_argument("files", nargs="+", help="files or folders (searched recursively)")
     predict.add_argument("--model", help="checkpoint folder or Hub id (default: $CNN_LSTM_MODEL, else "
                                          "./checkpoints/cnn-lstm-cxr3)")

@@ -21,6 +21,7 @@ import gradio as gr
 
 from .batch import MAX_BATCH_FILES
 from .endpoints import Endpoints, upload_note
+from .gradio_compat import Attached, attach, attached, cache_folder
 from .limits import FairUse, limit_waiting_per_client
 from .loading import ModelUnavailable, app_home, default_checkpoint, load_classifier, resolve_source
 from .results import columns
@@ -43,7 +44,7 @@ def _analyse_tab(app: CxrDemo, endpoints: Endpoints, labels: list[str], upload_t
     with gr.Row():
         with gr.Column(scale=1):
             file = gr.File(
-                label="Frontal chest X-ray: PNG, JPEG, BMP, TIFF or DICOM",
+                label="Frontal chest X-ray: PNG, JPEG, BMP, TIFF, WebP or DICOM",
                 file_types=list(ACCEPTED_SUFFIXES),
                 type="filepath",
                 elem_id="xray-file",
@@ -227,8 +228,7 @@ def build_demo(
     demo.queue(default_concurrency_limit=1, max_size=64)
     if fair_use.enabled:
         limit_waiting_per_client(demo, lambda request, session: fair_use.key(request), fair_use.max_waiting)
-    demo.cxr_app = app  # for tests and scripts
-    demo.fair_use, demo.limiter, demo.batch_dir = fair_use, limiter, endpoints.batch_dir
+    attach(demo, Attached(app, fair_use, limiter, endpoints.batch_dir))  # for launch, tests and scripts
     return demo
 
 
@@ -238,16 +238,17 @@ def launch(demo: Any, port: int | None = None, host: str | None = None, **kwargs
     from .retention import lifespan
     from .uploads import MAX_FILE_BYTES
 
-    demo.cxr_app.start_fast_path()  # in the low-priority worker: the server starts without waiting for it
+    app = attached(demo).app
+    app.start_fast_path()  # in the low-priority worker: the server starts without waiting for it
     app_kwargs = dict(kwargs.pop("app_kwargs", None) or {})
     if demo.delete_cache and "lifespan" not in app_kwargs:
-        app_kwargs["lifespan"] = lifespan(lambda: demo.GRADIO_CACHE, demo.delete_cache)
+        app_kwargs["lifespan"] = lifespan(lambda: cache_folder(demo), demo.delete_cache)
     return demo.launch(
         server_name=host or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
         server_port=port,
         ssr_mode=False,
         max_file_size=MAX_FILE_BYTES,
-        allowed_paths=[str(demo.cxr_app.examples_dir)],
+        allowed_paths=[str(app.examples_dir)],
         footer_links=["api"],
         app_kwargs=app_kwargs,
         **kwargs,

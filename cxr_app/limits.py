@@ -36,6 +36,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from .gradio_compat import event_client, queued_events, wrap_admission
+
 ENV_PROXY_HOPS = "CNN_LSTM_PROXY_HOPS"
 ENV_RATE_LIMITS = "CNN_LSTM_RATE_LIMITS"  # "off" disables the per-client limits (a private deployment, a benchmark)
 ENV_SLOW_MAP_NICE = "CNN_LSTM_SLOW_MAP_NICE"  # niceness added to the slow-map thread; 0 runs them in the caller
@@ -241,33 +243,26 @@ def limit_waiting_per_client(demo: Any, key_of: Callable[[Any, str | None], str]
     """Refuse a new request (HTTP 503, as "queue full") from a client that already has `max_waiting` requests
     queued and not yet running; `key_of(request, session_hash)` names the client.
 
-    Gradio has no public hook at admission, so this wraps `Queue.push` of the launched-to-be Blocks (gradio 6; the
-    check counts the events in the queue's own lists, so there is no count to keep in step or leak).
+    Gradio has no public hook at admission, so this wraps the queue's admission through cxr_app/gradio_compat.py
+    (the check counts the events in the queue's own lists, so there is no count to keep in step or leak).
     """
-    queue = getattr(demo, "_queue", None)
-    per_group = getattr(queue, "event_queue_per_concurrency_id", None)
-    if queue is None or per_group is None or not hasattr(queue, "push"):
-        raise RuntimeError("this gradio version's queue has no push/event_queue_per_concurrency_id to limit")
-    push = queue.push
 
-    async def limited_push(body: Any, request: Any, username: str | None) -> Any:
-        client = key_of(request, getattr(body, "session_hash", None))
-        waiting = sum(
-            1
-            for group in list(queue.event_queue_per_concurrency_id.values())
-            for event in list(group.queue)
-            if key_of(event.request, event.session_hash) == client
-        )
-        if waiting >= max_waiting:
-            return (
-                False,
-                f"You have {waiting} requests waiting already (at most {max_waiting} per user); "
-                "try again when they have finished.",
-                "queue_full",
-            )
-        return await push(body=body, request=request, username=username)
+    def make(push: Callable[..., Any]) -> Callable[..., Any]:
+        async def limited_push(body: Any, request: Any, username: str | None) -> Any:
+            client = key_of(request, getattr(body, "session_hash", None))
+            waiting = sum(1 for event in queued_events(demo) if key_of(*event_client(event)) == client)
+            if waiting >= max_waiting:
+                return (
+                    False,
+                    f"You have {waiting} requests waiting already (at most {max_waiting} per user); "
+                    "try again when they have finished.",
+                    "queue_full",
+                )
+            return await push(body=body, request=request, username=username)
 
-    queue.push = limited_push
+        return limited_push
+
+    wrap_admission(demo, make)
 
 
 class LowPriorityWorker:

@@ -32,6 +32,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from .gradio_compat import keep_cached_files
+
 logger = logging.getLogger(__name__)
 
 ENV_DELETE_CACHE = "CNN_LSTM_DELETE_CACHE"  # "FREQUENCY,AGE" in seconds, gradio's delete_cache
@@ -70,15 +72,8 @@ def retention_text(delete_cache: tuple[int, int]) -> str:
 
 def protect_build_time_files(demo: Any) -> int:
     """Keep every file the Blocks cached while being built (the example X-rays' copies) out of `delete_cache`;
-    returns how many. Uses the two attributes gradio's own deletion reads: `temp_files` and `keep_in_cache`."""
-    kept = 0
-    for block in demo.blocks.values():
-        files = getattr(block, "temp_files", None)
-        keep = getattr(block, "keep_in_cache", None)
-        if files and keep is not None:
-            keep.update(files)
-            kept += len(files)
-    return kept
+    returns how many (through cxr_app/gradio_compat.py: the attributes gradio's own deletion reads)."""
+    return keep_cached_files(demo)
 
 
 def remove_older_than(

@@ -19,6 +19,7 @@ Not part of the Hub-uploaded model: nothing in the model files imports this modu
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -110,6 +111,16 @@ class Explainer:
             parameter.requires_grad_(False)
         self.settings = settings or SaliencySettings()
         self.device = next(self.model.parameters()).device
+
+    @functools.cached_property
+    def gradcam_grid(self) -> tuple[int, int]:
+        """(rows, columns) of the trunk's output map, i.e. of a Grad-CAM map before it is resized: the paper's 7x7,
+        other for a timm backbone or another input size. Measured once on a black input."""
+        size = self.model.config.image_size
+        pixels = torch.zeros(1, self.model.config.num_channels, size, size, device=self.device)
+        with torch.no_grad():
+            rows, columns = self.model.forward_features(pixels).shape[-2:]
+        return int(rows), int(columns)
 
     def predicted_class(self, pixel_values: torch.Tensor) -> int:
         with torch.inference_mode():

@@ -280,11 +280,13 @@ class CxrDemo:
                 "saturated model), so the image is shown without an overlay."
             )
         else:
-            config = self.require().model.config
-            cell = config.image_size // max(1, config.feature_map_size)
+            classifier = self.require()
+            rows, columns = classifier.explainer.gradcam_grid
+            size = classifier.model.config.image_size
+            cell = f"{size // columns}x{size // rows}"
             meaning = {
                 GRAD_CAM: f"coloured areas hold the features that raised the score for {label} most (coarse: one "
-                f"value per {cell}x{cell}-pixel cell of the model's input)",
+                f"value per {cell}-pixel cell of the model's input, a {rows}x{columns} grid)",
                 INTEGRATED_GRADIENTS: f"coloured pixels changed the score for {label} most, up or down, on the way "
                 "from a black image",
                 OCCLUSION: f"hiding the coloured areas lowered the probability of {label} most",

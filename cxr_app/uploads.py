@@ -62,6 +62,7 @@ from .upload_types import (
 IMAGE_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG", "BMP": "BMP", "TIFF": "TIFF", "WEBP": "WebP"}
 PIL_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")  # Pillow's other plugins never see an upload (MPO: via JPEG)
 ACCEPTED_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", *DICOM_SUFFIXES)
+UPLOAD_FORMATS = "Upload a PNG, JPEG, BMP, TIFF, WebP or DICOM file."  # what every refusal suggests
 # Pillow decodes an animated WebP through four full-canvas RGBA buffers (+772 MB for a 49 MP canvas, measured)
 MAX_ANIMATED_PIXELS = MAX_PIXELS // 4
 CACHE_BYTES = 256 * 2**20  # decoded pixels kept for the next call on the same upload
@@ -100,8 +101,8 @@ def _describe_non_image(head: bytes) -> str:
     if head.startswith((b"PK\x03\x04", b"\x1f\x8b", b"7z\xbc\xaf", b"Rar!")):
         return "The file is an archive, not an image. Unpack it and upload the X-ray itself."
     if _looks_like_text(head[:512]):
-        return "The file contains text, not an image (was it renamed?). Upload a PNG, JPEG, BMP, TIFF or DICOM file."
-    return "The file is not a readable image. Upload a PNG, JPEG, BMP, TIFF or DICOM file."
+        return f"The file contains text, not an image (was it renamed?). {UPLOAD_FORMATS}"
+    return f"The file is not a readable image. {UPLOAD_FORMATS}"
 
 
 def _unidentified(head: bytes) -> InputError:
@@ -109,7 +110,7 @@ def _unidentified(head: bytes) -> InputError:
     if other is None and head[4:8] == b"ftyp":
         other = "HEIF/AVIF"
     if other:
-        return UnsupportedImageError(f"{other} images are not supported. Upload a PNG, JPEG, BMP, TIFF or DICOM file.")
+        return UnsupportedImageError(f"{other} images are not supported. {UPLOAD_FORMATS}")
     claimed = next((kind for magic, kind in _SIGNATURES.items() if head.startswith(magic)), None)
     if claimed:  # the right magic number, then garbage
         return CorruptImageError(f"The file starts like a {claimed} image but is damaged: it cannot be read.")
@@ -225,7 +226,7 @@ def _read_pil(path: Path, head: bytes, size: int) -> LoadedImage:
         kind = IMAGE_FORMATS.get(image.format)
         if kind is None:
             raise UnsupportedImageError(
-                f"{image.format} images are not supported. Upload a PNG, JPEG, BMP, TIFF or DICOM file."
+                f"{image.format} images are not supported. {UPLOAD_FORMATS}"
             )
         check_dimensions(image.width, image.height)  # header only: nothing is decoded yet
         notes = [note] if (note := _frame_note(image, layout)) else []
@@ -268,7 +269,7 @@ def is_dicom(path: Path, head: bytes) -> bool:
 
 def _upload_path(path: str | Path | None) -> Path:
     if path is None or str(path) == "":
-        raise InputError("No file was uploaded. Choose a chest X-ray image (PNG, JPEG, BMP, TIFF or DICOM).")
+        raise InputError("No file was uploaded. Choose a chest X-ray image (PNG, JPEG, BMP, TIFF, WebP or DICOM).")
     path = Path(path)
     if not path.is_file():
         raise InputError("The uploaded file could not be found on the server; please upload it again.")

@@ -176,7 +176,7 @@ def app_server() -> Callable[..., Any]:
 
 # -- training and the corpus (tests/training, tests/corpus, tests/scripts) -------------------------------------------
 TINY_RUN_CONFIG = REPO_ROOT / "train" / "configs" / "tiny.json"
-FOLDER_LABELS = {"covid19": 0, "normal": 1, "pneumonia": 2}  # cxr3 folder labels -> class ids (DESIGN.md section 2)
+FOLDER_LABELS = {"covid19": 0, "normal": 1, "pneumonia": 2}  # cxr3 folder labels -> class ids (README "Data")
 
 
 @pytest.fixture(scope="session")

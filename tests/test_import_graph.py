@@ -1,6 +1,6 @@
-"""The project's packages import in one direction (DESIGN.md section 1): no two modules import each other, directly
-or round a longer loop, and the layers hold: the model package imports neither the app nor training (it is what the
-Hub folder carries), and the app and training do not import each other.
+"""The project's packages import in one direction (README "Where things live"): no two modules import each other,
+directly or round a longer loop, and the layers hold: the model package imports neither the app nor training (it is
+what the Hub folder carries), and the app and training do not import each other.
 
 Read from the source with `ast`, so every import counts: inside functions and under TYPE_CHECKING too (a cycle
 hidden there is still a cycle).

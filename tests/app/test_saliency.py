@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxr_app.saliency import (
+    GRAD_CAM,
     METHODS,
     UNCOLOURED_BELOW,
     Explainer,
@@ -174,3 +175,20 @@ def test_occlusion_uses_the_given_no_grad_path_and_gives_the_same_map(tmp_path, 
     assert calls and sum(calls) > 1  # the patches went through the runner
     assert plain is not None and plain.max() > 0
     np.testing.assert_allclose(fast, plain, atol=1e-3)
+
+
+def test_gradcam_sentence_names_the_trunks_real_grid(tmp_path, make_checkpoint, example_xrays):
+    """The cell size in the Grad-CAM sentence comes from the trunk's real output map, not the paper's formula:
+    a timm resnet18 at 64 px ends in a 2x2 map (32-pixel cells) where the paper formula would say 16x16."""
+    from cxr_app.service import CxrDemo, SaliencyView
+
+    make_checkpoint(tmp_path / "resnet", backbone="resnet18", image_size=64)
+    app = CxrDemo.from_source(str(tmp_path / "resnet"))
+    assert app.classifier.model.config.feature_map_size == 16  # what the old sentence used
+    view = app.attribution(str(example_xrays["normal"][0]))  # a real Grad-CAM run through the resnet trunk
+    note = app.explanation(SaliencyView(np.ones((64, 64)), GRAD_CAM, view.label))  # as if the map were not zero
+    assert "one value per 32x32-pixel cell of the model's input, a 2x2 grid" in note, note
+    make_checkpoint(tmp_path / "paper-like")
+    app = CxrDemo.from_source(str(tmp_path / "paper-like"))
+    _, note = app.explain(str(example_xrays["normal"][0]))
+    assert "4x4-pixel cell of the model's input, a 8x8 grid" in note, note  # tiny config: 32 px, two pools

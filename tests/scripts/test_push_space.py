@@ -77,7 +77,8 @@ def test_space_with_checkpoint_runs_on_its_own(hub_standin, tmp_path, make_check
         import app
         import modeling_cnn_lstm
         assert modeling_cnn_lstm.__file__.startswith({str(pulled)!r}), modeling_cnn_lstm.__file__
-        state = app.demo.cxr_app
+        from cxr_app.gradio_compat import attached
+        state = attached(app.demo).app
         print("STATUS", state.status)
         scores, summary = state.predict({str(pulled / "examples" / "normal-nih-a1cfe38864ff.jpg")!r})
         print("LABELS", sorted(scores))

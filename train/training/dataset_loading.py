@@ -26,7 +26,7 @@ from train.training.input_pipeline import CachedSplit, cache_images
 
 logger = logging.getLogger(__name__)
 
-# Folder / metadata label spellings -> canonical class index (DESIGN.md section 2).
+# Folder / metadata label spellings -> canonical class index (README "Data").
 _LABEL_ALIASES = {"covid19": 0, "covid-19": 0, "covid": 0, "normal": 1, "pneumonia": 2}
 REPORT_COLUMNS = ("patient_id", "source", "fold", "sha256")
 

@@ -1,7 +1,7 @@
 """What the training machine is and what it computes fast: the CPU precision choice and the hardware line of the card.
 
 bf16 autocast halves the cost of a convolution only where the CPU has bfloat16 instructions (AVX512-BF16 or AMX);
-elsewhere oneDNN emulates bf16 and training runs 2-3x SLOWER than fp32 (DESIGN.md section 8, README "Training on a
+elsewhere oneDNN emulates bf16 and training runs 2-3x SLOWER than fp32 (README "Training on a
 CPU"). `torch.ops.mkldnn._is_mkldnn_bf16_supported()` is true in both cases, so the choice reads the CPU's flags,
 with the same test as the model package's fast inference path (`cpu_has_native_bf16`).
 """

@@ -1,7 +1,8 @@
 """The training input path: decoded, resized uint8 images in memory; batches gathered in one copy; float on the device.
 
-Why this shape (DESIGN.md section 7): on a fast GPU, a Trainer whose collate converts to normalized float on the
-CPU reached only 0.37-0.46x of a plain PyTorch loop; sending uint8 and normalizing on the device reached 0.76x. So:
+Why this shape (measured on an H200 with scripts/benchmark_train.py): on a fast GPU, a Trainer whose collate
+converts to normalized float on the CPU reached only 0.37-0.46x of a plain PyTorch loop; sending uint8 and
+normalizing on the device reached 0.76x. So:
 - every image is decoded and resized ONCE (the same canonical conversion and antialiased bilinear resize as
   `CnnLstmImageProcessor`, rounded to uint8) and kept in one `(n, c, h, w)` uint8 array, cached on disk by dataset
   fingerprint; grayscale radiographs are stored with ONE channel (3x less to copy, pin and transfer);

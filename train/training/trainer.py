@@ -2,7 +2,7 @@
 
 `CxrTrainer` differs from `transformers.Trainer` in three small ways, each for a measured reason:
 - `_prepare_inputs` turns the uint8 batch into normalized float ON the device (`DeviceBatchTransform`), with the
-  paper's random rotation while the model is in training mode (DESIGN.md section 7: the input path, not the GPU,
+  paper's random rotation while the model is in training mode (scripts/benchmark_train.py: the input path, not the GPU,
   limited the Trainer when the collate made floats on the CPU);
 - `compute_loss` also counts correct training predictions on the device (no per-step sync), and `log` reports them
   as `train_accuracy` next to the Trainer's `loss`, so the report can draw the paper's training accuracy curve;
