@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -25,6 +26,10 @@ class Malformed(Exception):
 
 class TooComplex(Exception):
     """The structure is valid but declares more than a reader may allocate for it; the message says what."""
+
+
+class Incomplete(Exception):
+    """The file declares more image data than it holds: a decoder would fill the rest (black, grey) and answer."""
 
 
 # -- deflate (DICOM Deflated Explicit VR Little Endian) ----------------------------------------------------------
@@ -291,6 +296,105 @@ def png_chunk_counts(stream: BinaryIO, file_size: int) -> tuple[int, int]:
     return chunks, texts
 
 
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+
+
+def png_declared_bytes(width: int, height: int, depth: int, colour: int, interlaced: bool) -> int:
+    """Bytes the IDAT stream must inflate to: each row of each (Adam7) pass, plus its filter byte."""
+    bits = _PNG_CHANNELS.get(colour, 4) * depth
+    passes = _ADAM7 if interlaced else ((0, 0, 1, 1),)
+    total = 0
+    for x0, y0, dx, dy in passes:
+        columns, rows = -(-(width - x0) // dx), -(-(height - y0) // dy)
+        if columns > 0 and rows > 0:
+            total += rows * (1 + -(-columns * bits // 8))
+    return total
+
+
+def png_image_data(stream: BinaryIO, file_size: int, chunk: int = 1 << 20) -> None:
+    """Inflate the IDAT stream, counting the bytes without keeping them, and raise Incomplete when it ends before
+    the rows IHDR declares (Pillow pads a short stream with black rows). A broken stream is left to Pillow."""
+    stream.seek(8)
+    header = stream.read(25)
+    if len(header) < 25 or header[4:8] != b"IHDR":
+        return
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", header[8:21])
+    expected = png_declared_bytes(width, height, depth, colour, interlace == 1)
+    inflater, total, position = zlib.decompressobj(), 0, 8
+    try:
+        while position + 8 <= file_size and total < expected and not inflater.eof:
+            stream.seek(position)
+            length, kind = struct.unpack(">I4s", stream.read(8))
+            if kind == b"IEND":
+                break
+            if kind == b"IDAT":
+                left = min(length, file_size - position - 8)
+                while left > 0 and total < expected:
+                    data = inflater.unconsumed_tail or stream.read(min(chunk, left))
+                    if not inflater.unconsumed_tail:
+                        left -= len(data)
+                    total += len(inflater.decompress(data, chunk))
+                    while inflater.unconsumed_tail and total < expected:
+                        total += len(inflater.decompress(inflater.unconsumed_tail, chunk))
+            position += 12 + length
+    except zlib.error:
+        return  # Pillow reports the broken stream itself
+    if total < expected:
+        raise Incomplete(f"its PNG image data ends after {100 * total // max(expected, 1)}% of the declared rows")
+
+
+# -- JPEG scans --------------------------------------------------------------------------------------------------
+MAX_JPEG_SCANS = 64  # libjpeg's progressive script writes 10; each scan is another pass over the whole image
+_ARITHMETIC = {0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")  # in entropy-coded data: FF00 is a stuffed byte, FFDn a restart
+
+
+def _ceil(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
+
+
+def jpeg_scans(data: bytes) -> tuple[int, int]:
+    """(scans, entropy-coded bytes) of a JPEG. TooComplex past MAX_JPEG_SCANS (each costs a full decoding pass);
+    Incomplete when the entropy-coded data cannot describe the declared frame: a Huffman-coded scan spends at least
+    one bit on every 8x8 block's DC value, so fewer bytes than the frame has blocks / 8 means the rest would be
+    invented by the decoder (a frame header that claims 7000 x 7000 over a few tens of kilobytes). A necessary
+    condition only: data of at least a bit per block passes it whether or not it decodes to the whole frame."""
+    position, scans, entropy, frame = 2, 0, 0, None
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            break
+        marker = data[position + 1]
+        if marker == 0xFF or marker in _STANDALONE:
+            position += 1 if marker == 0xFF else 2
+            continue
+        if marker == 0xD9:
+            break
+        (length,) = struct.unpack_from(">H", data, position + 2)
+        if marker in _SOF_MARKERS and frame is None and position + 10 + 3 <= len(data):
+            height, width, components = struct.unpack_from(">HHB", data, position + 5)
+            sampling = [data[position + 11 + 3 * index] for index in range(components)
+                        if position + 12 + 3 * index <= len(data)]  # fmt: skip
+            frame = (height, width, sampling, marker in _ARITHMETIC)
+        position += 2 + length
+        if marker == 0xDA:
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                raise TooComplex(f"more than {MAX_JPEG_SCANS} JPEG scans")
+            found = _NEXT_MARKER.search(data, position)
+            end = found.start() if found else len(data)
+            entropy += end - position
+            position = end
+    if frame is not None and frame[2] and not frame[3]:
+        height, width, sampling, _ = frame
+        h_max, v_max = max(s >> 4 for s in sampling) or 1, max(s & 15 for s in sampling) or 1
+        blocks = sum(_ceil(_ceil(width * (s >> 4), h_max), 8) * _ceil(_ceil(height * (s & 15), v_max), 8)
+                     for s in sampling)  # fmt: skip
+        if entropy * 8 < blocks:
+            raise Incomplete(f"its JPEG data ({entropy} bytes) is too short for the {width}x{height} frame it states")
+    return scans, entropy
+
+
 # -- EXIF orientation --------------------------------------------------------------------------------------------
 def exif_orientation(blob: bytes | None) -> int:
     """The Orientation tag (274) of an EXIF block's first directory; 1 when absent or unreadable.
@@ -316,6 +420,6 @@ def exif_orientation(blob: bytes | None) -> int:
     return 1
 
 
-__all__ = ["Malformed", "TiffLayout", "TooComplex", "check_ifd_block", "exif_orientation", "inflate_raw", "j2k_frame",
-           "jpeg_frame", "jpeg_metadata",
-           "png_chunk_counts", "rle_decoded_length", "rle_segments", "tiff_layout"]
+__all__ = ["Incomplete", "Malformed", "TiffLayout", "TooComplex", "check_ifd_block", "exif_orientation", "inflate_raw",
+           "j2k_frame", "jpeg_frame", "jpeg_metadata", "jpeg_scans", "png_chunk_counts", "png_declared_bytes",
+           "png_image_data", "rle_decoded_length", "rle_segments", "tiff_layout"]

@@ -19,6 +19,7 @@ from typing import Any
 
 import gradio as gr
 
+from . import log_privacy
 from .batch import MAX_BATCH_FILES
 from .endpoints import Endpoints, upload_note
 from .gradio_compat import Attached, attach, attached, cache_folder
@@ -238,6 +239,7 @@ def launch(demo: Any, port: int | None = None, host: str | None = None, **kwargs
     from .retention import lifespan
     from .uploads import MAX_FILE_BYTES
 
+    log_privacy.install()  # no upload paths (patients' names) in the log from here on
     app = attached(demo).app
     app.start_fast_path()  # in the low-priority worker: the server starts without waiting for it
     app_kwargs = dict(kwargs.pop("app_kwargs", None) or {})

@@ -219,6 +219,11 @@ def _decode_first_frame(ds: Any, rows: int, columns: int, frames: int, samples: 
         if bomb or "decompression bomb" in str(error):
             message = "The DICOM frame is too large to decode safely (decompression-bomb guard)."
             raise ImageTooLargeError(message) from None
+        if "less than expected" in str(error) or "doesn't match the expected length" in str(error):
+            raise CorruptImageError(
+                "The file is incomplete: its pixel data is shorter than the image its header declares, so it is "
+                "refused rather than analysed with the missing part filled in. Export the DICOM file again."
+            ) from None
         raise CorruptImageError(f"The DICOM pixel data cannot be decoded ({type(error).__name__}).") from None
     if array.shape[:2] != (rows, columns):
         raise CorruptImageError("The DICOM pixel data does not match the image size in its header.")

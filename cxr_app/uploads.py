@@ -122,8 +122,13 @@ def _damaged(action: str, error: Exception) -> CorruptImageError:
     logged with its traceback (it may be a bug of ours) and told to the user the same way."""
     if not isinstance(error, (OSError, SyntaxError, ValueError, EOFError)):
         logger.warning("unusual error while the image was %s", action, exc_info=error)
-    reason = "truncated" if "truncat" in str(error).lower() else "damaged"
-    return CorruptImageError(f"The image file is {reason} and cannot be {action} ({type(error).__name__}).")
+    text = str(error).lower()
+    if "truncat" in text or "not large enough" in text or "not enough data" in text:  # Pillow's words for short data
+        return CorruptImageError(
+            f"The file is incomplete (truncated): it holds less image data than it declares, so it cannot be "
+            f"{action} ({type(error).__name__})."
+        )
+    return CorruptImageError(f"The image file is damaged and cannot be {action} ({type(error).__name__}).")
 
 
 def _check_structure(path: Path, head: bytes, size: int) -> codestreams.TiffLayout | None:
@@ -136,10 +141,13 @@ def _check_structure(path: Path, head: bytes, size: int) -> codestreams.TiffLayo
         with path.open("rb") as handle:
             if kind == "PNG":
                 codestreams.png_chunk_counts(handle, size)
+                codestreams.png_image_data(handle, size)  # a short IDAT stream would come back padded with black
                 return None
             if kind == "JPEG":  # Pillow loads the EXIF block at open (to look for a DPI), the MPF index too
                 for block in codestreams.jpeg_metadata(handle, size):
                     codestreams.check_ifd_block(block)
+                handle.seek(0)
+                codestreams.jpeg_scans(handle.read())  # scan count (CPU), and data too short for the frame
                 return None
             return codestreams.tiff_layout(handle, size)
     except codestreams.TooComplex as error:
@@ -149,6 +157,11 @@ def _check_structure(path: Path, head: bytes, size: int) -> codestreams.TiffLayo
         ) from None
     except codestreams.Malformed:
         raise CorruptImageError(f"The file starts like a {kind} image but is damaged: it cannot be read.") from None
+    except codestreams.Incomplete as error:
+        raise CorruptImageError(
+            f"The file is incomplete: {error}. A decoder would fill in the missing part and the model would answer "
+            "for an image that is mostly padding, so it is refused. Export or copy the X-ray again."
+        ) from None
 
 
 def _orientation(image: Image.Image, layout: codestreams.TiffLayout | None) -> int:

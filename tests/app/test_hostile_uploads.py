@@ -244,6 +244,30 @@ def _mpeg_dicom() -> bytes:
     return craft.dicom(bits=8, pixel_data=craft.encapsulate([bytes(1000)]), syntax=MPEG2MPML)
 
 
+def _short_idat_png(fraction: int) -> bytes:
+    """A 512x512 noise PNG whose (valid, closed) zlib stream holds only 1/`fraction` of the rows."""
+    rows = np.random.default_rng(0).integers(0, 256, (512, 512), dtype=np.uint8)
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows[: 512 // fraction])
+    return craft.png(512, 512, idat=zlib.compress(raw))
+
+
+def _png_in_many_idats(chunks: int = 1000) -> bytes:
+    data = craft.encode(craft.gradient(300, 300), "PNG")
+    start = data.index(b"IDAT") - 4
+    (length,) = struct.unpack(">I", data[start : start + 4])
+    idat = data[start + 8 : start + 8 + length]
+    step = -(-len(idat) // chunks)
+    pieces = [craft.png_chunk(b"IDAT", idat[i : i + step]) for i in range(0, len(idat), step)]
+    return data[:start] + b"".join(pieces) + data[start + 12 + length :]
+
+
+def _many_scans_jpeg(scans: int = 300) -> bytes:
+    """A JPEG with its one scan (and tables) repeated `scans` times: refused before any decoding pass."""
+    data = _gradient_jpeg(256, 256)
+    tables = data.index(b"\xff\xc4")  # DHT ... SOS, data, up to EOI
+    return data[:tables] + data[tables:-2] * scans + b"\xff\xd9"
+
+
 def _random(size: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
@@ -256,7 +280,11 @@ CASES = [
     Crafted("rgb-49mp-zeros.png", lambda: craft.png(7000, 7000, colour=2), None, "reduced to 2334x2334"),
     Crafted("grey16-49mp-zeros.png", lambda: craft.png(7000, 7000, depth=16), None, "reduced to 3500x3500"),
     Crafted("ihdr-lies-rows-missing.png", lambda: craft.png(7000, 7000, idat=zlib.compress(bytes(10 * 7001))),
-            None, "almost uniform"),  # Pillow fills the missing rows with black: answered, with the flat warning
+            "incomplete: its PNG image data ends after 0%"),  # Pillow would fill the missing rows with black
+    Crafted("idat-ends-at-a-quarter.png", lambda: _short_idat_png(4), "incomplete: its PNG image data ends after 2"),
+    # valid files the completeness checks must leave alone: IDAT split into 1000 chunks, bytes after IEND
+    Crafted("idat-in-1000-chunks.png", _png_in_many_idats, None),
+    Crafted("bytes-after-iend.png", lambda: _png_in_many_idats(1) + b"trailing bytes" * 100, None),
     Crafted("200k-text-chunks.png", lambda: craft.png(
         64, 64, before_idat=[craft.png_chunk(b"tEXt", b"k%d\x00v" % index) for index in range(200_000)]), STRUCTURE),
     Crafted("text-chunk-30mb.png", lambda: craft.png(64, 64, before_idat=[craft.png_chunk(
@@ -286,16 +314,20 @@ CASES = [
     Crafted("float-nan.tif", lambda: _float_ramp(float("nan")), r"not numbers \(NaN\)"),
     Crafted("float-inf.tif", lambda: _float_ramp(float("inf")), "infinite"),
     Crafted("float-3e38-range.tif", lambda: _float_ramp(scale=3e38), None),
-    Crafted("truncated.tif", lambda: craft.encode(craft.gradient(512, 512), "TIFF")[:60_000], "truncated|damaged"),
+    Crafted("truncated.tif", lambda: craft.encode(craft.gradient(512, 512), "TIFF")[:60_000], "incomplete"),
     Crafted("cmyk.tif", lambda: craft.encode(craft.gradient(256, 256, "CMYK"), "TIFF"), None, "CMYK"),
     Crafted("bigtiff-2p40-values.tif", _bigtiff_huge_count, STRUCTURE),
     Crafted("5000-samples.tif", _tiff_many_samples, "damaged|not supported"),
     # JPEG
     Crafted("declared-4gp.jpg", lambda: craft.jpeg_with_size(_gradient_jpeg(), 65_000, 65_000),
             r"too large \(4225 megapixels"),
-    Crafted("sof-lies-49mp.jpg", lambda: craft.jpeg_with_size(_gradient_jpeg(), 7000, 7000), None,
-            "reduced to 3500x3500"),  # libjpeg stops at the end marker and pads: answered, memory bounded
-    Crafted("truncated.jpg", lambda: min(EXAMPLES.glob("normal-*.jpg")).read_bytes()[:20_000], "truncated"),
+    Crafted("sof-lies-49mp.jpg", lambda: craft.jpeg_with_size(_gradient_jpeg(), 7000, 7000),
+            "incomplete: its JPEG data"),  # libjpeg would stop at the end marker and pad with grey
+    Crafted("xray-sof-lies-7000.jpg", lambda: craft.jpeg_with_size(min(EXAMPLES.glob("normal-nih-*.jpg")).read_bytes(),
+                                                                   7000, 7000), "incomplete: its JPEG data"),
+    Crafted("300-scans.jpg", _many_scans_jpeg, r"more than 64 JPEG scans"),  # each scan: one more decoding pass
+    Crafted("progressive.jpg", lambda: _gradient_jpeg(512, 512, progressive=True), None),  # 6 scans: fine
+    Crafted("truncated.jpg", lambda: min(EXAMPLES.glob("normal-*.jpg")).read_bytes()[:20_000], "incomplete"),
     Crafted("exif-bomb-in-one-segment.jpg", lambda: craft.jpeg_with_exif(
         _gradient_jpeg(300, 200), craft.exif_bomb(tags=2700, block=32_000)), STRUCTURE),  # 86 MB for Pillow
     Crafted("exif-rotated.jpg", lambda: craft.jpeg_with_exif(_gradient_jpeg(300, 200), craft.exif_bomb(3, 64)), None,
@@ -348,7 +380,7 @@ CASES = [
                                                                                               "nan")),
             "RescaleSlope is not a valid number"),
     Crafted("rescale-overflow.dcm", lambda: _ramp_dicom(RescaleSlope="1e308", RescaleIntercept="0"), "infinite"),
-    Crafted("truncated-pixels.dcm", lambda: craft.dicom(256, 256, pixel_data=bytes(1000)), "cannot be decoded"),
+    Crafted("truncated-pixels.dcm", lambda: craft.dicom(256, 256, pixel_data=bytes(1000)), "incomplete"),
     Crafted("jpeg-lossless.dcm", lambda: _jpeg_frames_dicom(_gradient_jpeg(64, 64), syntax="1.2.840.10008.1.2.4.70"),
             "no decoder for it is installed"),
     Crafted("mpeg2.dcm", _mpeg_dicom, "not supported"),
