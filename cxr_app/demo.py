@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from . import log_privacy
 from .batch import MAX_BATCH_FILES
@@ -29,6 +30,7 @@ from .results import columns
 from .retention import delete_cache_setting, protect_build_time_files
 from .saliency import DEFAULT_OPACITY, GRAD_CAM, METHODS
 from .service import PREDICTED, CxrDemo
+from .upload_budget import UploadBudget, UploadBudgetMiddleware, UploadLedger
 from .uploads import ACCEPTED_SUFFIXES
 
 DISCLAIMER = (
@@ -243,6 +245,9 @@ def launch(demo: Any, port: int | None = None, host: str | None = None, **kwargs
     app = attached(demo).app
     app.start_fast_path()  # in the low-priority worker: the server starts without waiting for it
     app_kwargs = dict(kwargs.pop("app_kwargs", None) or {})
+    ledger = UploadLedger(UploadBudget.from_env(), lambda: cache_folder(demo))  # disk: per client and in all
+    middleware = Middleware(UploadBudgetMiddleware, ledger=ledger, proxy_hops=attached(demo).fair_use.proxy_hops)
+    app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), middleware]
     if demo.delete_cache and "lifespan" not in app_kwargs:
         app_kwargs["lifespan"] = lifespan(lambda: cache_folder(demo), demo.delete_cache)
     return demo.launch(
