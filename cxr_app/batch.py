@@ -23,20 +23,18 @@ Not part of the Hub-uploaded model: nothing in the model files imports this modu
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import stat
-import struct
 import zipfile
 import zlib
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .upload_types import MAX_FILE_BYTES, InputError
 from .uploads import ACCEPTED_SUFFIXES
+from .zip_directory import NoDirectory, Refused, megabytes, open_archive
 
 MAX_BATCH_FILES = 50  # files read per batch: ~0.2-0.3 s each on 2 CPU cores, so a full batch answers in ~15 s
 MAX_ARCHIVE_MEMBERS = 1000  # entries listed in one zip: a full batch plus folders and clutter, with room to spare
@@ -45,10 +43,6 @@ MAX_EXTRACTED_BYTES = 512 << 20  # bytes inflated from the archives of one batch
 
 _CHUNK = 1 << 20  # bytes inflated per read while extracting
 _SNIFF = 132  # a DICOM file's preamble and "DICM"
-_EOCD = struct.Struct("<4s4H2LH")  # end of central directory: signature, disks, entries, size, offset, comment
-_ZIP64_LOCATOR = struct.Struct("<4sLQL")  # signature, disk of the zip64 record, its offset, number of disks
-_ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")  # signature, size, versions, disks, entries, size, offset
-_CENTRAL_ENTRY = 46  # fixed part of a central directory entry; its name, extra, comment lengths sit at byte 28
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")  # first member, empty archive, spanning marker
 _ARCHIVE_SUFFIXES = (".zip", ".7z", ".rar", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".zst")
 _ZIP_DOCUMENTS = (".docx", ".xlsx", ".pptx", ".odt", ".ods", ".odp", ".epub", ".jar", ".apk")  # zip containers
@@ -67,123 +61,10 @@ class BatchEntry:
     error: str | None  # a sentence for the user when this entry is not read, else None
 
 
-class _Refused(Exception):
-    """An archive or member that is not read; the message is meant for the user."""
-
-
-class _NoDirectory(_Refused):
-    """No end of central directory record: a truncated archive, or no archive at all."""
-
-
-class _ReadTooLarge(Exception):
-    def __init__(self, size: int) -> None:
-        super().__init__(size)
-        self.size = size
-
-
-class _GuardedFile(io.FileIO):
-    """The archive as ZipFile reads it: while `limit` is set, a read of more than `limit` bytes is refused."""
-
-    limit: int | None = None
-
-    def read(self, size: int | None = -1, /) -> bytes:
-        if self.limit is not None:
-            wanted = size if size is not None and size >= 0 else os.fstat(self.fileno()).st_size - self.tell()
-            if wanted > self.limit:
-                raise _ReadTooLarge(wanted)
-        return super().read(size)
-
-
-def _megabytes(size: int) -> str:
-    return f"{size / 2**20:.0f} MB" if size >= 2**20 else f"{size / 2**10:.0f} KB"
-
-
 def _display(name: str, limit: int = 200) -> str:
     """A name for the table: control characters shown as "?", a long name shortened in the middle."""
     name = "".join("?" if ord(char) < 32 or ord(char) == 127 else char for char in name)
     return name if len(name) <= limit else f"{name[: limit - 61]}...{name[-58:]}"
-
-
-def _directory_end(handle: io.FileIO, size: int) -> tuple[int, int, int]:
-    """(declared entries, directory size, directory start), found where zipfile finds them: an end record that ends
-    the file, else the last one in the final 64 KiB (a comment follows it); then a zip64 record just before it."""
-    missing = _NoDirectory("The zip archive is incomplete or damaged: its table of contents is missing.")
-    if size < _EOCD.size:
-        raise missing
-    handle.seek(size - _EOCD.size)
-    record, position = handle.read(_EOCD.size), size - _EOCD.size
-    if not (record.startswith(b"PK\x05\x06") and record.endswith(b"\x00\x00")):
-        start = max(size - (1 << 16) - _EOCD.size, 0)
-        handle.seek(start)
-        tail = handle.read(size - start)
-        found = tail.rfind(b"PK\x05\x06")
-        if found < 0 or found + _EOCD.size > len(tail):
-            raise missing
-        record, position = tail[found : found + _EOCD.size], start + found
-    _, _, _, _, entries, directory_size, _, _ = _EOCD.unpack(record)
-    start = position - directory_size
-    if position >= _ZIP64_LOCATOR.size:
-        handle.seek(position - _ZIP64_LOCATOR.size)
-        signature, disk, _, disks = _ZIP64_LOCATOR.unpack(handle.read(_ZIP64_LOCATOR.size))
-        if signature == b"PK\x06\x07":
-            if disk != 0 or disks > 1:
-                raise _Refused("Zip archives split into several parts are not supported; join them into one.")
-            if position >= _ZIP64_LOCATOR.size + _ZIP64_EOCD.size:
-                handle.seek(position - _ZIP64_LOCATOR.size - _ZIP64_EOCD.size)
-                fields = _ZIP64_EOCD.unpack(handle.read(_ZIP64_EOCD.size))
-                if fields[0] == b"PK\x06\x06":
-                    entries, directory_size = fields[7], fields[8]
-                    start = position - _ZIP64_LOCATOR.size - _ZIP64_EOCD.size - directory_size
-    return entries, directory_size, start
-
-
-def _count_entries(handle: io.FileIO, start: int, size: int) -> int:
-    """Entries in the central directory, walked record by record (the declared count can lie); stops at the first
-    malformed record, which ZipFile then reports."""
-    handle.seek(start)
-    data, count, position = handle.read(size), 0, 0
-    while position + _CENTRAL_ENTRY <= len(data) and data[position : position + 4] == b"PK\x01\x02":
-        name, extra, comment = struct.unpack_from("<3H", data, position + 28)
-        position += _CENTRAL_ENTRY + name + extra + comment
-        count += 1
-    return count
-
-
-@contextmanager
-def _open_archive(path: Path, max_members: int, max_directory_bytes: int) -> Iterator[zipfile.ZipFile]:
-    """The archive, its table of contents checked against the limits before ZipFile parses it."""
-    with _GuardedFile(path, "r") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        entries, directory_size, start = _directory_end(handle, size)
-        too_large = _Refused(
-            f"The zip archive's table of contents is too large ({_megabytes(directory_size)}; the limit is "
-            f"{_megabytes(max_directory_bytes)}): it lists far more entries than a batch can hold."
-        )
-        if directory_size > max_directory_bytes:
-            raise too_large
-        if start < 0 or start + directory_size > size:
-            raise _Refused("The zip archive is damaged: its table of contents points outside the file.")
-        entries = max(entries, _count_entries(handle, start, directory_size))
-        if entries > max_members:
-            raise _Refused(f"The zip archive lists {entries} entries; the limit is {max_members}. Split it into "
-                           "smaller archives.")
-        handle.limit = max(max_directory_bytes, (1 << 16) + _EOCD.size)  # ZipFile's search for the end reads 64 KiB
-        try:
-            archive = zipfile.ZipFile(handle)
-        except _ReadTooLarge:
-            raise too_large from None
-        except MemoryError:
-            raise
-        except Exception as error:  # noqa: BLE001 - a damaged directory makes zipfile raise many kinds of error
-            if not isinstance(error, (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError)):
-                logger.warning("unusual error while a zip directory was read", exc_info=error)
-            raise _Refused(f"The zip archive is damaged and cannot be read ({type(error).__name__}).") from None
-        handle.limit = None
-        with archive:
-            if len(archive.infolist()) > max_members:
-                raise _Refused(f"The zip archive lists {len(archive.infolist())} entries; the limit is "
-                               f"{max_members}. Split it into smaller archives.")
-            yield archive
 
 
 def _silently_skipped(info: zipfile.ZipInfo) -> bool:
@@ -215,7 +96,7 @@ def _refusal(info: zipfile.ZipInfo, suffix: str, max_member_bytes: int) -> str |
         return (f"The file is compressed with {method} in the archive, which is not supported. Make the archive "
                 "again with standard (deflate) compression.")
     if info.file_size > max_member_bytes:
-        return (f"The file expands to {_megabytes(info.file_size)}; the limit is {_megabytes(max_member_bytes)} "
+        return (f"The file expands to {megabytes(info.file_size)}; the limit is {megabytes(max_member_bytes)} "
                 "per file.")
     return None
 
@@ -291,7 +172,7 @@ class _Batch:
             reason = f"The batch limit of {self.max_files} files was reached"
             rows.insert(self.over_cap.position, _overflow_row(self.over_cap, reason, "more ", "read"))
         if self.over_budget:
-            budget = _megabytes(self.max_extracted_bytes)
+            budget = megabytes(self.max_extracted_bytes)
             reason = f"The files extracted from archives reached the batch limit of {budget}"
             rows.insert(self.over_budget.position, _overflow_row(self.over_budget, reason, "", "extracted"))
         return rows
@@ -323,9 +204,9 @@ class _Batch:
     def add_archive(self, name: str, path: Path, looks_like_zip: bool) -> None:
         if self.readable >= self.max_files:  # only counted: what the user would have to upload again
             try:
-                with _open_archive(path, self.max_members, self.max_directory_bytes) as archive:
+                with open_archive(path, self.max_members, self.max_directory_bytes) as archive:
                     members = [info for info in archive.infolist() if not _silently_skipped(info)]
-            except (_Refused, OSError):
+            except (Refused, OSError):
                 self.full(name)
                 return
             if members:
@@ -333,13 +214,13 @@ class _Batch:
             return
         before = self.rows_so_far()
         try:
-            with _open_archive(path, self.max_members, self.max_directory_bytes) as archive:
+            with open_archive(path, self.max_members, self.max_directory_bytes) as archive:
                 for info in archive.infolist():
                     if not _silently_skipped(info):
                         self.add_member(archive, info, _display(f"{name}/{info.filename}"))
-        except _NoDirectory as refusal:
+        except NoDirectory as refusal:
             self.refuse(name, str(refusal) if looks_like_zip else "The file is named .zip but is not a zip archive.")
-        except _Refused as refusal:
+        except Refused as refusal:
             self.refuse(name, str(refusal))
         except OSError as error:
             self.refuse(name, f"The zip archive could not be read on the server ({type(error).__name__}).")
@@ -381,7 +262,7 @@ class _Batch:
                 self.inflated += len(chunk)
                 if suffix is None:  # no suffix: read only as a DICOM file with its preamble
                     if chunk[128:132] != b"DICM":
-                        raise _Refused(f"The file has no name extension and is not a DICOM file: a batch takes "
+                        raise Refused(f"The file has no name extension and is not a DICOM file: a batch takes "
                                        f"{_KINDS} files.")
                     suffix = ".dcm"
                 target = self.new_file(suffix)
@@ -393,7 +274,7 @@ class _Batch:
                         sink.write(chunk)
                         chunk = source.read(min(_CHUNK, limit + 1 - written))
                         self.inflated += len(chunk)
-        except _Refused as refusal:
+        except Refused as refusal:
             error = str(refusal)
         except zipfile.BadZipFile as failure:
             error = ("The file is damaged in the archive (its checksum does not match) and was not read."
@@ -416,7 +297,7 @@ class _Batch:
             _discard(target)
             raise
         if error is None and written > self.max_member_bytes:
-            error = (f"The file expands to more than {_megabytes(self.max_member_bytes)} (the limit per file), more "
+            error = (f"The file expands to more than {megabytes(self.max_member_bytes)} (the limit per file), more "
                      "than its header says: it is refused as a decompression bomb.")
         if error is not None or written > limit:
             _discard(target)

@@ -113,7 +113,7 @@ def patch_member(data: bytes, index: int, **fields: int) -> bytes:
 # -- measuring -------------------------------------------------------------------------------------------------------
 @dataclass
 class Cost:
-    seconds: float
+    seconds: float  # CPU seconds of this process (not wall-clock: another process on a busy machine does not count)
     traced_peak: int  # bytes: peak of Python allocations during the call
     rss_growth: int | None  # bytes: peak RSS during the call over RSS before it (None where it cannot be reset)
 
@@ -129,10 +129,10 @@ def measured(call: Callable[[], Any]) -> tuple[Any, Cost]:
     except OSError:
         rss_before = None
     tracemalloc.start()
-    start = time.perf_counter()
+    start = time.process_time()
     try:
         result = call()
-        seconds = time.perf_counter() - start
+        seconds = time.process_time() - start
         traced_peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
