@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
+
+from cxr_common.atomic import atomic_write_text
 
 from .demo import DISCLAIMER, CxrDemo
 from .results import rows_csv
@@ -48,10 +48,7 @@ def write_csv(rows: list[dict[str, str]], labels: list[str], destination: str) -
     if destination == "-":
         sys.stdout.write(text)
         return
-    target = Path(destination)
-    with tempfile.NamedTemporaryFile("w", dir=target.parent, prefix=f".{target.name}.", delete=False) as handle:
-        handle.write(text)
-    os.replace(handle.name, target)
+    atomic_write_text(destination, text)  # usual permissions; nothing left behind if writing fails
 
 
 def print_table(rows: list[dict[str, str]]) -> None:

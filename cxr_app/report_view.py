@@ -12,16 +12,16 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cxr_common.report import PREDICTIONS_FILE, markdown_table, number, percent
 
 logger = logging.getLogger(__name__)
 
 REPORT_SUBDIR = "report"
 METRICS_FILE = "metrics.json"
-PREDICTIONS_FILE = "predictions.csv"
 FIGURES = {  # key in metrics.json "plots" -> caption
     "confusion_matrix": "Confusion matrix (test split)",
     "roc_curves": "ROC curves, one class against the rest (test split)",
@@ -110,25 +110,8 @@ def load_report(folder: Path | None) -> ModelReport | None:
     return ModelReport(folder, data)
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
-
-
 def _percent(value: Any, interval: dict[str, Any] | None = None) -> str:
-    number = _number(value)
-    if number is None:
-        return "n/a"
-    text = f"{100 * number:.1f}%"
-    low, high = (None, None) if not interval else (_number(interval.get("low")), _number(interval.get("high")))
-    if low is not None and high is not None:
-        text += f" ({100 * low:.1f}–{100 * high:.1f})"
-    return text
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+    return percent(value, interval, unit="%")
 
 
 def summary_markdown(report: ModelReport) -> str:
@@ -154,7 +137,7 @@ def summary_markdown(report: ModelReport) -> str:
         bounds = per_class_intervals.get(name) or {}
         cells = [_percent(values.get(key), bounds.get(key)) for key, _ in PER_CLASS_COLUMNS]
         rows.append([name, *cells, str(values.get("support", "?"))])
-    table = _table(["Class", *(title for _, title in PER_CLASS_COLUMNS), "Images"], rows)
+    table = markdown_table(["Class", *(title for _, title in PER_CLASS_COLUMNS), "Images"], rows)
     if per_class_intervals:
         note = "Each class against the other two; 95% bootstrap interval in brackets."
     else:
@@ -169,15 +152,15 @@ def confusion_markdown(report: ModelReport) -> str:
     if not (isinstance(matrix, list) and len(matrix) == len(names)):
         return ""
     rows = [[f"**{name}**", *(str(count) for count in row)] for name, row in zip(names, matrix, strict=True)]
-    return "### Confusion matrix\n\nRows: true class; columns: predicted.\n\n" + _table(["", *names], rows)
+    return "### Confusion matrix\n\nRows: true class; columns: predicted.\n\n" + markdown_table(["", *names], rows)
 
 
 def calibration_markdown(report: ModelReport) -> str:
     calibration = report.data.get("calibration") or {}
-    temperature = _number(calibration.get("temperature"))
+    temperature = number(calibration.get("temperature"))
     if temperature is None:
         return "### Calibration\n\nThis report has no calibration section."
-    before, after = _number(calibration.get("ece_before")), _number(calibration.get("ece_after"))
+    before, after = number(calibration.get("ece_before")), number(calibration.get("ece_after"))
     text = (
         f"### Calibration\n\nThe probabilities shown are divided by a temperature T = {temperature:.2f} fitted on "
         f"the {calibration.get('fitted_on', 'validation')} split, so that a 70% answer is right about 70% of the "
@@ -204,7 +187,7 @@ def sources_markdown(report: ModelReport) -> str:
     return (
         "### Per source\n\nWithin each public collection of the test split. Where a collection holds mostly one "
         "class, a model can score well by recognising the collection.\n\n"
-        + _table(["Source", "Images", "Accuracy", *(f"Sensitivity {name}" for name in names)], rows)
+        + markdown_table(["Source", "Images", "Accuracy", *(f"Sensitivity {name}" for name in names)], rows)
     )
 
 
@@ -231,7 +214,7 @@ def audit_markdown(report: ModelReport) -> str:
         sensitivity = values.get("sensitivity") or {}
         rows.append([AUDIT_CONDITIONS.get(key, key), _percent(values.get("accuracy")),
                      _percent(values.get("macro_f1")), *(_percent(sensitivity.get(name)) for name in names)])
-    table = _table(["Test images", "Accuracy", "Macro F1", *(f"Sensitivity {name}" for name in names)], rows)
+    table = markdown_table(["Test images", "Accuracy", "Macro F1", *(f"Sensitivity {name}" for name in names)], rows)
     parts = [*intro, table]
     parts += [str(audit[key]) for key in ("interpretation", "mask") if isinstance(audit.get(key), str)]
     return "\n\n".join(parts)

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from transformers import HfArgumentParser, TrainerCallback, TrainingArguments, set_seed
 
+from cxr_common.atomic import atomic_write_text
 from modeling_cnn_lstm import CnnLstmConfig, CnnLstmForImageClassification
-from train.atomic import atomic_write_text
 from train.training.arguments import ModelArguments
 from train.training.hardware import choose_cpu_precision, cpu_model_name
 from train.training.input_pipeline import CachedSplit, UInt8ImageDataset, collate_uint8

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from train.atomic import atomic_write_text
+from cxr_common.atomic import atomic_write_text
 from train.training.comparison import compare, load_predictions, markdown, plot_confusions
 
 FIGURE = "comparison_confusion.png"

@@ -25,7 +25,7 @@ import torch
 from datasets import Dataset
 from transformers import HfArgumentParser
 
-from train.atomic import DestinationExists, atomic_folder, check_destination
+from cxr_common.atomic import DestinationExists, atomic_folder, check_destination
 from train.training.checkpoint_loading import NotACnnLstmCheckpoint, load_checkpoint
 from train.training.dataset_loading import load_split
 from train.training.report import write_report

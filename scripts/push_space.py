@@ -5,12 +5,12 @@
     python scripts/push_space.py --output_dir /tmp/space --dry_run             # assemble only, to inspect
 
 The Space holds exactly what the app needs: app.py, the modeling_cnn_lstm package (the model), the cxr_app package
-(the app), the example X-rays with their credits, the checkpoint folder if there is one (as
-checkpoints/cnn-lstm-cxr3, which the app serves by default), space/README.md (Space metadata) as README.md and
-space/requirements.txt. Without a checkpoint the Space starts and says that no trained model is installed (or set
-the Space variable CNN_LSTM_MODEL).
+(the app) and the cxr_common package it shares with training, the example X-rays with their credits, the checkpoint
+folder if there is one (as checkpoints/cnn-lstm-cxr3, which the app serves by default), space/README.md (Space
+metadata) as README.md and space/requirements.txt. Without a checkpoint the Space starts and says that no trained
+model is installed (or set the Space variable CNN_LSTM_MODEL).
 
-`--output_dir` is written atomically (train/atomic.py): a failed assembly leaves it as it was, and an existing
+`--output_dir` is written atomically (cxr_common/atomic.py): a failed assembly leaves it as it was, and an existing
 non-empty folder is refused, dry run or not, unless `--overwrite`.
 """
 
@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from train.atomic import DestinationExists, atomic_folder, check_destination
+from cxr_common.atomic import DestinationExists, atomic_folder, check_destination
 from train.hub_preflight import PushError, check_push_access, push_with_retries
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +70,7 @@ def assemble_space(destination: Path, checkpoint: Path | None) -> list[str]:
     shutil.copy2(REPO_ROOT / "space" / "requirements.txt", destination / "requirements.txt")
     _copy_files(REPO_ROOT / "modeling_cnn_lstm", destination / "modeling_cnn_lstm", ("*.py",))
     _copy_files(REPO_ROOT / "cxr_app", destination / "cxr_app", ("*.py",))
+    _copy_files(REPO_ROOT / "cxr_common", destination / "cxr_common", ("*.py",))  # the layer the app shares
     _copy_files(REPO_ROOT / "examples", destination / "examples", ("*.jpg", "*.png", "*.dcm", "CREDITS.md"))
     if checkpoint is not None:
         if not (checkpoint / "config.json").is_file():

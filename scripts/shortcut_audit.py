@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 from transformers import HfArgumentParser
 
+from cxr_common.atomic import atomic_write_text
 from modeling_cnn_lstm.lung_region_cnn_lstm import find_lung_region
-from train.atomic import atomic_write_text
 from train.training.checkpoint_loading import NotACnnLstmCheckpoint, load_checkpoint
 from train.training.dataset_loading import load_split
 from train.training.shortcut_audit import CONDITION_TITLES, CONDITIONS, AuditSettings, hide, run_audit

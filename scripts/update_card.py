@@ -8,7 +8,7 @@ Each given result is stored in the folder's `report/metrics.json` (keys `cross_v
 `lung_evidence` (the app's warning threshold, from a validation audit: `--lung_evidence_from`), `leaky_protocol`);
 the card is rendered again from the repository's `model_card.md` and `report/report.md` from the same data. Results
 not given keep their stored value, and a result never run renders as "not run". Everything is rendered before
-anything is written, and each file is written atomically (`train.atomic.atomic_write_text`), so an interrupted
+anything is written, and each file is written atomically (`cxr_common.atomic.atomic_write_text`), so an interrupted
 update never leaves a truncated card or metrics.json.
 
 `--recompute_bootstrap` recomputes the `bootstrap` section (macro and per-class intervals) from the folder's own
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from train.atomic import atomic_write_text
+from cxr_common.atomic import atomic_write_text
 from train.metrics.cxr_metrics.cxr_metrics import compute_classification_metrics
 from train.training.model_card import DEFAULT_TEMPLATE, card_context, render_model_card
 from train.training.report import PREDICTIONS_FILE, bootstrap_intervals, read_predictions, render_report_markdown

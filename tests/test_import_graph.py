@@ -15,9 +15,16 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("modeling_cnn_lstm", "cxr_app", "train")
-# package -> the project packages it may import
-LAYERS = {"modeling_cnn_lstm": set(), "cxr_app": {"modeling_cnn_lstm"}, "train": {"modeling_cnn_lstm"}}
+PACKAGES = ("modeling_cnn_lstm", "cxr_common", "cxr_app", "train")
+# package -> the project packages it may import: the model (shipped to the Hub) and the shared layer (atomic writes,
+# the report's schema and renderer) import nothing of the project; the app and training may import both, never
+# each other.
+LAYERS = {
+    "modeling_cnn_lstm": set(),
+    "cxr_common": set(),
+    "cxr_app": {"modeling_cnn_lstm", "cxr_common"},
+    "train": {"modeling_cnn_lstm", "cxr_common"},
+}
 
 
 def module_names(root: Path) -> dict[str, Path]:
@@ -91,7 +98,22 @@ def layer_violations(graph: dict[str, set[str]]) -> list[str]:
 
 
 def test_layers_model_then_app_or_training():
-    assert layer_violations(import_graph(REPO_ROOT)) == []
+    graph = import_graph(REPO_ROOT)
+    assert layer_violations(graph) == []
+    shared = [module for module in graph if module.startswith("cxr_common")]
+    users = {module.split(".")[0] for module, imported in graph.items() if set(imported) & set(shared)}
+    assert users == {"cxr_app", "train"}  # the shared layer is used by both sides, and by nothing else
+
+
+def test_a_shared_module_importing_training_is_found(tmp_path: Path):
+    for package in PACKAGES:
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / "train" / "steps.py").write_text("")
+    (tmp_path / "cxr_common" / "report.py").write_text("from train import steps\n")
+    assert layer_violations(import_graph(tmp_path)) == [
+        "cxr_common.report imports ['train', 'train.steps']: cxr_common may import only []"
+    ]
 
 
 def test_a_model_module_importing_the_app_is_found(tmp_path: Path):

@@ -41,8 +41,8 @@ def test_space_without_checkpoint(hub_standin, tmp_path):
     state = hub_standin.repo_state(SPACE, "space")
     assert state["sdk"] == "gradio"
     files = hub_standin.list_files(SPACE, "space")
-    for name in ("README.md", "app.py", "requirements.txt", "cxr_app/demo.py",
-                 "modeling_cnn_lstm/modeling_cnn_lstm.py", "examples/CREDITS.md"):
+    for name in ("README.md", "app.py", "requirements.txt", "cxr_app/demo.py", "cxr_common/report.py",
+                 "cxr_common/atomic.py", "modeling_cnn_lstm/modeling_cnn_lstm.py", "examples/CREDITS.md"):
         assert name in files, files
     assert len([name for name in files if name.startswith("examples/") and name.endswith(".jpg")]) == 6
     assert not any(name.startswith("checkpoints/") for name in files)

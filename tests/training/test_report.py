@@ -362,3 +362,30 @@ def test_the_model_it_replaced_is_shown_side_by_side(report_folder: tuple[Path, 
         assert "Against the model it replaced (v1 (whole images))" in text and "| lungs hidden | 51.7 | 34.4 |" in text
     assert "| lungs hidden | 51.7 | 34.4 |" in report_view.audit_markdown(report_view.load_report(folder / "report"))
     assert "Against the model it replaced" not in before
+
+
+def test_the_app_shows_what_training_wrote(report_folder: tuple[Path, dict]):
+    """Round trip across the two sides of the shared layer: a report written by training's `write_report` is read
+    by the app's `load_report` and shown by the app's Model report tab with the same numbers (cxr_common.report
+    renders both)."""
+    from cxr_app import report_view
+    from cxr_app.demo import build_demo
+    from cxr_app.loading import load_classifier
+    from cxr_app.service import CxrDemo
+    from cxr_common.report import PLOT_FILES, percent
+
+    folder, report = report_folder
+    loaded = report_view.load_report(folder / "report")
+    assert loaded is not None and loaded.data == json.loads((folder / "report" / "metrics.json").read_text())
+    shown = {path.name for path, _ in loaded.figures()}
+    assert shown >= {PLOT_FILES[key] for key in ("confusion_matrix", "roc_curves")}
+    app = CxrDemo(load_classifier(str(folder)), "Model: tiny.", report=loaded)
+    demo = build_demo(app=app)
+    texts = "\n".join(value for block in demo.config["components"]
+                      if isinstance(value := block.get("props", {}).get("value"), str))  # fmt: skip
+    accuracy = report["metrics"]["accuracy"]
+    assert percent(accuracy, report["bootstrap"]["intervals"]["accuracy"], unit="%") in texts
+    for name in LABEL_NAMES:
+        sensitivity = report["metrics"]["per_class"][name]["sensitivity"]
+        assert percent(sensitivity, unit="%") in texts, name
+    demo.close()

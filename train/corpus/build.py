@@ -3,7 +3,7 @@
 Pipeline: layout adapters (`sources`) -> decode + fingerprints (`images`) -> exact duplicates removed -> patient ids
 and near-duplicates merged into patient groups -> groups assigned to test + k folds (`split`) -> leakage re-checked
 from the final rows (`report`) -> DatasetDict + report written into a temporary sibling folder and renamed into place
-only when complete (`train.atomic`).
+only when complete (`cxr_common.atomic`).
 """
 
 import json
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from train.atomic import DestinationExists, atomic_folder, check_destination
+from cxr_common.atomic import DestinationExists, atomic_folder, check_destination
 
 from .card import dataset_card
 from .images import ImageProblem, decode_images_per_second, encode_resized, load_image, resize_longer_side

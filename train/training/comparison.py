@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from cxr_common.report import PREDICTIONS_FILE, percent
 from train.metrics.cxr_metrics.cxr_metrics import compute_classification_metrics
-from train.training.report import PREDICTIONS_FILE, read_predictions
+from train.training.report import per_class_table, read_predictions
 
 DIFFERENCE_KEYS = ("accuracy", "macro_f1", "macro_auc")
 # What the paper reports for its two networks (Islam, Islam & Asraf 2020; image-level split, 915 test images): the
@@ -206,35 +207,14 @@ def verdict(result: dict[str, Any]) -> str:
     )
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None or not np.isfinite(value) else f"{100 * value:.1f}"
-
-
-def per_class_table(metrics: dict[str, Any], names: list[str]) -> str:
-    lines = [
-        "| Class | Accuracy | Precision | Sensitivity | Specificity | F1 | AUC | Support |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name in names:
-        row = metrics["per_class"][name]
-        cells = [_pct(row[key]) for key in ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc")]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['support']} |")
-    macro = [
-        _pct(metrics[key])
-        for key in ("accuracy", "macro_precision", "macro_sensitivity", "macro_specificity", "macro_f1", "macro_auc")
-    ]
-    lines.append("| **Overall** (accuracy; macro averages) | " + " | ".join(macro) + f" | {metrics['num_samples']} |")
-    return "\n".join(lines)
-
-
 def markdown(result: dict[str, Any], figure: str | None = "comparison_confusion.png") -> str:
     """The comparison as Markdown: tables, figure, audit, time, the paper's numbers, the verdict."""
     first, second = result["models"]
-    names, metrics, paper = result["label_names"], result["metrics"], result["paper"]
+    metrics, paper = result["metrics"], result["paper"]
     sections = [f"**Verdict.** {result['verdict']}"]
     for name in (first, second):
         sections.append(
-            f"Per class, {name} (%, the paper's Tables 3-4 layout):\n\n" + per_class_table(metrics[name], names)
+            f"Per class, {name} (%, the paper's Tables 3-4 layout):\n\n" + per_class_table(metrics[name])
         )
     if figure:
         sections.append(f"![confusion matrices of both networks, the paper's Fig. 6 layout]({figure})")
@@ -262,7 +242,7 @@ def markdown(result: dict[str, Any], figure: str | None = "comparison_confusion.
             ("accuracy_lungs_only", "accuracy, only the lungs"),
             ("gradcam_share", "Grad-CAM share inside the lungs"),
         ):
-            lines.append(f"| {label} | {_pct(audit[first][key])} | {_pct(audit[second][key])} |")
+            lines.append(f"| {label} | {percent(audit[first][key])} | {percent(audit[second][key])} |")
         shortcuts = [", ".join(audit[name]["class_shortcuts"]) or "none" for name in (first, second)]
         lines.append(f"| classes found without the lungs | {shortcuts[0]} | {shortcuts[1]} |")
         gates = ["passed" if audit[name]["gate_passed"] else "failed" for name in (first, second)]
@@ -290,12 +270,12 @@ def markdown(result: dict[str, Any], figure: str | None = "comparison_confusion.
         claim = paper[key]
         implied = 1 - claim["errors"] / paper["test_images"]
         lines.append(
-            f"| {label} | {_pct(claim['accuracy'])} (Fig. 6 implies {_pct(implied)}) | {_pct(claim['macro_auc'])} | "
-            f"{claim['errors']} | {paper['test_images']} (image-level split) |"
+            f"| {label} | {percent(claim['accuracy'])} (Fig. 6 implies {percent(implied)}) | "
+            f"{percent(claim['macro_auc'])} | {claim['errors']} | {paper['test_images']} (image-level split) |"
         )
     for label, name, found in ((first, first, ours[0]), (second, second, ours[1])):
         lines.append(
-            f"| ours, {label} | {_pct(found['accuracy'])} | {_pct(found['macro_auc'])} | "
+            f"| ours, {label} | {percent(found['accuracy'])} | {percent(found['macro_auc'])} | "
             f"{result['errors'][name]} | {result['num_samples']} (patient-disjoint) |"
         )
     sections.append("\n".join(lines))

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from train.atomic import atomic_write_text
+from cxr_common.atomic import atomic_write_text
 from train.training.calibration import fit_temperature
 from train.training.context import RunContext
 from train.training.input_pipeline import CachedSplit

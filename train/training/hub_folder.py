@@ -3,7 +3,7 @@
 Folder contents: config.json (labels, `calibration_temperature`), the remote-code files + `auto_map`,
 preprocessor_config.json, safetensors (optionally half precision, sharded; config says float32 so it loads as fp32),
 README.md (the rendered card), report/ (metrics.json, report.md, PNG figures). `steps.finalize` assembles it with
-`train.atomic.atomic_folder`, so a failed run never leaves a half-written folder.
+`cxr_common.atomic.atomic_folder`, so a failed run never leaves a half-written folder.
 """
 
 from __future__ import annotations

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from huggingface_hub import constants as hf_constants
 from PIL import Image
 
+from cxr_common.atomic import atomic_file
 from modeling_cnn_lstm.image_processing_cnn_lstm import match_channels, resize_tensor, to_canonical_array
 from modeling_cnn_lstm.lung_region_cnn_lstm import crop_to_lung_box, find_lung_region
-from train.atomic import atomic_file
 
 logger = logging.getLogger(__name__)
 CACHE_VERSION = "uint8-v1"

@@ -14,8 +14,8 @@ from typing import Any
 
 from transformers import PretrainedConfig, TrainingArguments
 
+from cxr_common.atomic import atomic_write_text
 from modeling_cnn_lstm import CnnLstmForImageClassification
-from train.atomic import atomic_write_text
 from train.training.context import RunContext
 from train.training.hardware import hardware
 from train.training.report import (

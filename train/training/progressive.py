@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from transformers import TrainingArguments, set_seed
 
+from cxr_common.atomic import atomic_folder
 from modeling_cnn_lstm import CnnLstmForImageClassification
-from train.atomic import atomic_folder
 from train.training.context import RunContext
 from train.training.dataset_loading import to_cached_split
 from train.training.steps import fit

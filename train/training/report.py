@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from train.atomic import atomic_write_text
+from cxr_common.atomic import atomic_write_text
+from cxr_common.report import PLOT_FILES, PREDICTIONS_FILE, percent
 from train.metrics.cxr_metrics.cxr_metrics import compute_classification_metrics, softmax
 from train.training.calibration import calibration_summary
 from train.training.plots import (
@@ -39,16 +40,6 @@ INTERVAL_KEYS = (
 )
 PER_CLASS_INTERVAL_KEYS = ("precision", "sensitivity", "specificity", "f1", "auc")
 TABLE_KEYS = ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc")
-PREDICTIONS_FILE = "predictions.csv"
-PLOT_FILES = {
-    "confusion_matrix": "confusion_matrix.png",
-    "accuracy_curves": "accuracy_curves.png",
-    "loss_curves": "loss_curves.png",
-    "per_class_metrics": "per_class_metrics.png",
-    "roc_curves": "roc_curves.png",
-    "reliability_diagram": "reliability_diagram.png",
-}
-
 
 def _defined(value: float | None) -> bool:
     return value is not None and not (isinstance(value, float) and math.isnan(value))
@@ -215,10 +206,6 @@ def read_predictions(path: Path, label_names: list[str]) -> tuple[np.ndarray, np
     groups = [row["patient_id"] for row in rows] if "patient_id" in rows[0] else None
     keys = [row.get("sha256") or row["index"] for row in rows]
     return probabilities, labels, groups, keys
-
-
-def percent(value: float | None) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
 
 
 def per_class_table(metrics: dict[str, Any]) -> str:

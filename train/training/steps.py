@@ -19,8 +19,8 @@ import torch
 from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, get_last_checkpoint
 
+from cxr_common.atomic import atomic_folder
 from modeling_cnn_lstm import CnnLstmForImageClassification, CnnLstmImageProcessor
-from train.atomic import atomic_folder
 from train.training.context import RunContext
 from train.training.epoch_log import LOG_NAME, EpochLogCallback
 from train.training.hub_folder import publish, save_model_files
