@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from cxr_common.atomic import DestinationExists, atomic_folder, atomic_write_text
 from modeling_cnn_lstm import CnnLstmConfig, CnnLstmImageProcessor
-from train.atomic import DestinationExists, atomic_folder, atomic_write_text
 from train.training import checkpoint_loading, dataset_loading
 from train.training.arguments import parse_args
 from train.training.calibration import fit_temperature, negative_log_likelihood
