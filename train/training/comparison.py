@@ -187,19 +187,20 @@ def verdict(result: dict[str, Any]) -> str:
         interval = result["intervals"].get(key)
         span = f" (95% CI {100 * interval['low']:+.1f} to {100 * interval['high']:+.1f})" if interval else ""
         parts.append(f"{label} {100 * result['differences'][key]:+.1f} points{span}")
-    excludes_zero = [
-        key for key, interval in result["intervals"].items() if interval["low"] > 0 or interval["high"] < 0
-    ]
-    if not excludes_zero and test["p_value"] >= 0.05:
-        conclusion = (
-            f"no detectable difference between the two heads at n = {n} images ({result['num_patients']} patients)"
-        )
+    intervals = result["intervals"].items()
+    excludes_zero = [key for key, interval in intervals if interval["low"] > 0 or interval["high"] < 0]
+    better = first if result["differences"]["accuracy"] > 0 else second
+    mcnemar_says = test["p_value"] < 0.05
+    if not excludes_zero and not mcnemar_says:
+        conclusion = (f"no detectable difference between the two heads at n = {n} images "
+                      f"({result['num_patients']} patients)")  # fmt: skip
+    elif excludes_zero and mcnemar_says:
+        conclusion = f"a difference in favour of the {better} ({', '.join(excludes_zero)} and McNemar at the 5% level)"
     else:
-        better = first if result["differences"]["accuracy"] > 0 else second
-        conclusion = (
-            f"a difference in favour of the {better} "
-            f"({', '.join(excludes_zero) or 'McNemar only'} beyond chance at the 5% level)"
-        )
+        which = f"the paired intervals of {', '.join(excludes_zero)} exclude zero" if excludes_zero else "McNemar does"
+        other = "McNemar's test does not reach 5%" if excludes_zero else "no paired interval excludes zero"
+        conclusion = f"at most weak evidence in favour of the {better}: {which}, {other}"
+    conclusion += "; each network was trained once (one seed), so seed-to-seed variation is not in these intervals"
     return (
         f"{first} minus {second} on the same {n} test images: {'; '.join(parts)}. McNemar's exact test on the "
         f"paired calls: {test['only_first_correct']} images only the {first} got right, {test['only_second_correct']} "
