@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import os
 import statistics
@@ -24,11 +25,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-
-try:
-    import onnxruntime
-except ImportError:  # pragma: no cover - the ONNX Runtime candidate is optional
-    onnxruntime = None
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +40,16 @@ BF16_TOLERANCE = 0.03  # max |probability - eager probability|: bf16 keeps 8 bit
 # Two identical eager copies timed by the trial (paper model, 1-2 threads, quiet 2-core EPYC) came out up to 1.5%
 # apart; another process on a shared machine moves them more. A smaller win than 5% is not taken for one.
 MIN_SPEEDUP = 1.05
-# What fixes the best backend: the trial's result is reused for another model of the same shape.
-SHAPE_FIELDS = (
-    "backbone", "block_widths", "kernel_size", "pool_size", "use_batch_norm", "head_type", "lstm_hidden_size",
-    "lstm_num_layers", "lstm_bidirectional", "fc_size", "num_channels", "image_size", "num_labels",
-)
+# What fixes the best backend is the model's shape: every keyword of its config's constructor except these (values
+# that change no tensor shape or operation at inference), plus the number of labels. Derived, so a new config field
+# counts at once.
+NOT_SHAPE_FIELDS = frozenset({"self", "kwargs", "calibration_temperature", "image_mean", "image_std", "block_dropout",
+                              "head_dropout", "crop_to_lungs", "backbone_pretrained"})  # fmt: skip
+
+
+def shape_fields(config) -> tuple[str, ...]:
+    parameters = inspect.signature(type(config).__init__).parameters
+    return (*(name for name in parameters if name not in NOT_SHAPE_FIELDS), "num_labels")
 
 
 def cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> frozenset[str]:
@@ -146,8 +147,10 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def _build_onnxruntime(reference: CnnLstmLogits) -> Run:
-    if onnxruntime is None:
-        raise RuntimeError("onnxruntime is not installed (pip install onnxruntime onnx onnxscript)")
+    try:  # imported here, when the candidate is built: loading the model never pays for it
+        import onnxruntime
+    except ImportError:
+        raise RuntimeError("onnxruntime is not installed (pip install onnxruntime onnx onnxscript)") from None
     config = reference.model.config
     example = torch.zeros(2, config.num_channels, config.image_size, config.image_size)
     with _EXPORT_LOCK, _quiet_exporter():
@@ -269,7 +272,7 @@ def select_backend(
 
 def decision_key(config) -> tuple:
     """What a trial's outcome depends on: the CPU, torch's thread count and version, the model's shape."""
-    shape = tuple((name, repr(getattr(config, name, None))) for name in SHAPE_FIELDS)
+    shape = tuple((name, repr(getattr(config, name, None))) for name in shape_fields(config))
     return cpu_model_name(), torch.get_num_threads(), torch.__version__, shape
 
 

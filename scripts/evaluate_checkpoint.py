@@ -102,14 +102,13 @@ def main(argv: list[str] | None = None) -> dict:
             logits,
             labels,
             label_names,
-            temperature,
-            "checkpoint's stored",
-            columns,
-            None,
-            args.bootstrap_samples,
-            args.ece_bins,
-            args.seed,
-            {"model": args.model, "data_dir": str(data_dir), "split": args.split},
+            temperature=temperature,
+            calibration_fitted_on="checkpoint's stored",
+            columns=columns,
+            bootstrap_samples=args.bootstrap_samples,
+            ece_bins=args.ece_bins,
+            seed=args.seed,
+            extra={"model": args.model, "data_dir": str(data_dir), "split": args.split},
         )
     logger.info("report written to %s", output_dir.resolve())
     summary = summarize(report, args, temperature, output_dir)

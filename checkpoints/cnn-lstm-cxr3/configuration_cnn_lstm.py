@@ -21,6 +21,15 @@ HEAD_TYPES = ("lstm", "dense")
 REMOVED_KEYS = ("cpu_inference_backend",)  # how to run on a CPU is the caller's choice: model.fast_cpu_inference()
 
 
+def default_normalisation(num_channels: int) -> tuple[list[float], list[float]]:
+    """ImageNet's per-channel mean and std for 3 channels; for any other count (1: grayscale) the average of its
+    three, once per channel. The config and the image processor both default to this."""
+    if num_channels == 3:
+        return list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
+    mean, std = sum(IMAGENET_DEFAULT_MEAN) / 3, sum(IMAGENET_DEFAULT_STD) / 3
+    return [mean] * num_channels, [std] * num_channels
+
+
 class CnnLstmConfig(PreTrainedConfig):
     r"""
     Configuration of [`CnnLstmModel`] / [`CnnLstmForImageClassification`].
@@ -106,8 +115,9 @@ class CnnLstmConfig(PreTrainedConfig):
         self.num_channels = num_channels
         self.image_size = image_size
         self.calibration_temperature = calibration_temperature
-        self.image_mean = list(image_mean) if image_mean is not None else list(IMAGENET_DEFAULT_MEAN)
-        self.image_std = list(image_std) if image_std is not None else list(IMAGENET_DEFAULT_STD)
+        default_mean, default_std = default_normalisation(num_channels)
+        self.image_mean = list(image_mean) if image_mean is not None else default_mean
+        self.image_std = list(image_std) if image_std is not None else default_std
         self.crop_to_lungs = crop_to_lungs
         self._validate()
         super().__init__(**kwargs)
@@ -174,4 +184,4 @@ class CnnLstmConfig(PreTrainedConfig):
         return self.image_size // self.pool_size ** len(self.block_widths)
 
 
-__all__ = ["CnnLstmConfig"]
+__all__ = ["CnnLstmConfig", "default_normalisation"]

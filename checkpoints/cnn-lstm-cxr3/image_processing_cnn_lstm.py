@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from .configuration_cnn_lstm import default_normalisation
 from .lung_region_cnn_lstm import crop_to_lung_box
 
 try:
@@ -219,8 +219,9 @@ class CnnLstmImageProcessor(BaseImageProcessor):
         self.do_rescale = do_rescale
         self.rescale_factor = rescale_factor
         self.do_normalize = do_normalize
-        self.image_mean = list(image_mean) if image_mean is not None else list(IMAGENET_DEFAULT_MEAN)[:num_channels]
-        self.image_std = list(image_std) if image_std is not None else list(IMAGENET_DEFAULT_STD)[:num_channels]
+        default_mean, default_std = default_normalisation(num_channels)  # the config's own defaults
+        self.image_mean = list(image_mean) if image_mean is not None else default_mean
+        self.image_std = list(image_std) if image_std is not None else default_std
         self.num_channels = num_channels
         self.crop_to_lungs = crop_to_lungs
         self._check_settings(self.__dict__)

@@ -8,6 +8,7 @@ by nothing (flatten -> dense), which is the paper's "competitive CNN".
 from __future__ import annotations
 
 import contextvars
+import copy
 import math
 
 import torch
@@ -83,13 +84,13 @@ class CnnLstmEncoder(nn.Module):
 class CnnLstmTimmEncoder(nn.Module):
     """Any timm CNN as the trunk; its last feature map plays the part of the paper's 7x7x512 map."""
 
-    def __init__(self, config: CnnLstmConfig) -> None:
+    def __init__(self, config: CnnLstmConfig, pretrained: bool = False) -> None:
         super().__init__()
         if timm is None:
             raise ImportError(f"backbone={config.backbone!r} needs timm: pip install timm")
         self.model = timm.create_model(
             config.backbone,
-            pretrained=config.backbone_pretrained and not _LOADING_CHECKPOINT.get(),
+            pretrained=pretrained and not _LOADING_CHECKPOINT.get(),
             features_only=True,
             in_chans=config.num_channels,
         )
@@ -144,6 +145,14 @@ class CnnLstmDenseHead(nn.Module):
         # (batch, channels, height, width) -> (batch, height * width * channels), cells-major like the LSTM head
         flat = feature_map.permute(0, 2, 3, 1).flatten(1)
         return self.classifier(self.activation(self.fc(self.dropout(flat))))
+
+
+def own_config(config: CnnLstmConfig) -> CnnLstmConfig:
+    """The model's own copy of `config` (the caller's object is never changed), saved without `backbone_pretrained`:
+    pretrained timm weights are fetched once, when a new model is created, never by `from_pretrained`."""
+    config = copy.deepcopy(config)
+    config.backbone_pretrained = False
+    return config
 
 
 class CnnLstmPreTrainedModel(PreTrainedModel):
@@ -207,11 +216,10 @@ class CnnLstmModel(CnnLstmPreTrainedModel):
     """The trunk alone: pixel values -> last feature map (and every block's output)."""
 
     def __init__(self, config: CnnLstmConfig) -> None:
-        super().__init__(config)
-        self.encoder = CnnLstmEncoder(config) if config.backbone == "paper" else CnnLstmTimmEncoder(config)
-        # Pretrained timm weights are fetched once, when a new model is created, never by `from_pretrained`; the saved
-        # config does not ask for them either.
-        config.backbone_pretrained = False
+        pretrained = bool(config.backbone_pretrained)
+        super().__init__(own_config(config))
+        encoder = CnnLstmEncoder(self.config) if config.backbone == "paper" else None
+        self.encoder = encoder or CnnLstmTimmEncoder(self.config, pretrained)
         self.post_init()
 
     def forward(
@@ -242,12 +250,13 @@ class CnnLstmForImageClassification(CnnLstmPreTrainedModel):
     """Trunk + LSTM head (paper) or dense head (competitive CNN), with calibration_temperature-scaled logits."""
 
     def __init__(self, config: CnnLstmConfig) -> None:
-        super().__init__(config)
-        self.cnn_lstm = CnnLstmModel(config)
+        super().__init__(own_config(config))
+        self.cnn_lstm = CnnLstmModel(config)  # reads `backbone_pretrained` from the caller's config
+        self.cnn_lstm.config = self.config  # one config for the whole model
         encoder = self.cnn_lstm.encoder
         num_steps = encoder.out_size * encoder.out_size
         head_class = CnnLstmSequenceHead if config.head_type == "lstm" else CnnLstmDenseHead
-        self.head = head_class(config, encoder.out_channels, num_steps)
+        self.head = head_class(self.config, encoder.out_channels, num_steps)
         self.post_init()
 
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

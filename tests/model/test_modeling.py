@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import subprocess
@@ -421,7 +422,7 @@ class TestFastCpuInference:
             assert timings[runner.backend] * fast.MIN_SPEEDUP <= timings["torch"], (runner.reason, timings)
         if not fast.cpu_has_native_bf16():
             assert "emulated bfloat16" in runner.rejected["bf16"] and timings["bf16"] is None
-        if fast.onnxruntime is not None:
+        if importlib.util.find_spec("onnxruntime") is not None:
             assert timings["onnxruntime"] is not None, runner.rejected  # exported in memory and timed
         pixels = fixed_input(model.config, batch=3)
         with torch.no_grad():
@@ -610,3 +611,60 @@ def test_pipeline_keeps_sixteen_bit_range_given_an_array(tmp_path, example_xrays
     scores = {entry["label"]: entry["score"] for entry in classify(sixteen)}
     expected = {entry["label"]: entry["score"] for entry in classify(eight)}
     assert scores == pytest.approx(expected, abs=1e-5)
+
+
+def test_grayscale_config_and_processor_share_their_normalisation():
+    """num_channels=1: the config no longer raises, and its processor gets the same statistics (the average of
+    ImageNet's three, not the red channel's)."""
+    config = CnnLstmConfig(num_channels=1, block_widths=[[8], [16]], image_size=32, lstm_hidden_size=8, fc_size=8)
+    mean, std = config.image_mean, config.image_std
+    assert len(mean) == len(std) == 1 and mean[0] == pytest.approx((0.485 + 0.456 + 0.406) / 3)
+    for processor in (CnnLstmImageProcessor(num_channels=1), CnnLstmImageProcessor.from_model_config(config)):
+        assert processor.image_mean == mean and processor.image_std == std
+    assert CnnLstmImageProcessor().image_mean == CnnLstmConfig().image_mean  # 3 channels: ImageNet's own
+
+
+def test_the_model_never_changes_its_callers_config():
+    config = CnnLstmConfig(backbone="resnet18", backbone_pretrained=True, image_size=64)
+    before = config.to_dict()
+    with fast_timm_without_download():
+        model = CnnLstmForImageClassification(config)
+    assert config.to_dict() == before and config.backbone_pretrained is True  # the caller's object is untouched
+    assert model.config is not config and model.config.backbone_pretrained is False  # what gets saved
+    assert model.cnn_lstm.config is model.config  # one config inside the model
+
+
+def fast_timm_without_download():
+    """timm.create_model with pretrained=True would download; record the flag instead."""
+    import contextlib
+    from unittest import mock
+
+    import timm
+
+    real = timm.create_model
+    calls = []
+
+    def create(name, pretrained=False, **kwargs):
+        calls.append(pretrained)
+        return real(name, pretrained=False, **kwargs)
+
+    @contextlib.contextmanager
+    def patched():
+        with mock.patch("modeling_cnn_lstm.modeling_cnn_lstm.timm.create_model", create):
+            yield calls
+        assert calls == [True], calls  # a new model still fetches the pretrained weights it was asked for
+
+    return patched()
+
+
+def test_trial_key_follows_every_config_field():
+    """The fast path's trial is reused only for a model of the same shape; the shape is every constructor field of
+    the config (bar the ones that change no operation), so a new field counts without a list to update."""
+    import inspect
+
+    fields = set(fast.shape_fields(CnnLstmConfig()))
+    constructor = set(inspect.signature(CnnLstmConfig.__init__).parameters) - {"self", "kwargs"}
+    assert fields == (constructor - fast.NOT_SHAPE_FIELDS) | {"num_labels"}
+    assert {"backbone", "kernel_size", "pool_size", "head_type", "image_size"} <= fields
+    assert fast.decision_key(CnnLstmConfig(kernel_size=5)) != fast.decision_key(CnnLstmConfig())
+    assert fast.decision_key(CnnLstmConfig(block_dropout=0.5)) == fast.decision_key(CnnLstmConfig())

@@ -190,7 +190,8 @@ def report_folder(tmp_path_factory: pytest.TempPathFactory, make_checkpoint) -> 
         "training_summary": "- Precision fp32; channels_last False; torch.compile False; seed 7.",
     }  # fmt: skip
     columns = {"patient_id": list(patients), "source": ["a" if i % 2 else "b" for i in range(len(labels))]}
-    report = write_report(folder / "report", logits, labels, LABEL_NAMES, 1.3, "validation", columns,
+    report = write_report(folder / "report", logits, labels, LABEL_NAMES, temperature=1.3,
+                          calibration_fitted_on="validation", columns=columns,
                           bootstrap_samples=40, seed=7, extra={"card_info": info})  # fmt: skip
     write_model_card(folder / "README.md", report, info)
     return folder, report

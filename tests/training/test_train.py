@@ -401,3 +401,19 @@ def test_update_card_rewrites_card_metrics_and_report_atomically(tiny_run: Path,
             "3-fold cross-validation" in path.read_text() and "inner validation fold (f + 1) mod 3" in path.read_text()
         )
     assert not [path for path in folder.rglob("*") if ".tmp-" in path.name], "temporary files left behind"
+
+
+def test_a_timm_backbone_trains_through_run_py(tiny_corpus: Path, tmp_path: Path, run_main, tiny_args):
+    """Every CnnLstmConfig field is an option of train/run.py (ModelArguments is built from its signature): the
+    README's `backbone="resnet18"` trains end to end (a timm model created without pretrained weights, offline)."""
+    from train.training.arguments import ARCHITECTURE_FIELDS, ModelArguments
+
+    assert {"backbone", "kernel_size", "pool_size", "image_mean"} <= set(ARCHITECTURE_FIELDS)
+    assert ModelArguments(backbone="resnet18", kernel_size=5).build_config().kernel_size == 5
+    options = ["--backbone", "resnet18", "--image_size", "64", "--max_steps", "2", "--bootstrap_samples", "10",
+               "--audit_ig_per_class", "0"]  # fmt: skip
+    final = run_main(tiny_args(tiny_corpus, tmp_path / "run", *options))
+    config = json.loads((final / "config.json").read_text())
+    assert config["backbone"] == "resnet18" and config["backbone_pretrained"] is False
+    report = json.loads((final / "report" / "metrics.json").read_text())
+    assert report["num_samples"] > 0 and report["shortcut_audit"]["conditions"]["original"]["accuracy"] >= 0

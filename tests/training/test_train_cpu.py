@@ -110,6 +110,7 @@ def test_transfer_keeps_trunk_and_lstm_and_reinitialises_the_dense_layer():
 
 def test_smoothed_selection_metric_is_the_mean_of_the_last_evaluations():
     import evaluate
+    from transformers import TrainerState
 
     from train.training.hub_folder import METRIC_DIR
     from train.training.trainer import build_compute_metrics
@@ -120,7 +121,8 @@ def test_smoothed_selection_metric_is_the_mean_of_the_last_evaluations():
     compute = build_compute_metrics(metric, ["COVID-19", "Normal", "Pneumonia"], 15, selection_window=3)
     first = compute(EvalPrediction(predictions=logits, label_ids=labels))
     assert first["macro_f1_smoothed"] == pytest.approx(first["macro_f1"])  # no history yet
-    compute.previous = lambda: [0.1, 0.2, 0.3]
+    state = TrainerState(log_history=[{"eval_macro_f1": value} for value in (0.1, 0.2, 0.3)] + [{"loss": 1.0}])
+    compute.on_train_begin(None, state, None)  # as the Trainer hands its state to its callbacks
     result = compute(EvalPrediction(predictions=logits, label_ids=labels))
     assert result["macro_f1_smoothed"] == pytest.approx((0.2 + 0.3 + result["macro_f1"]) / 3)
     plain = build_compute_metrics(metric, ["COVID-19", "Normal", "Pneumonia"], 15)

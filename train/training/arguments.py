@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -20,31 +22,56 @@ from train.training.hardware import CPU_PRECISIONS
 SAVE_DTYPES = ("float32", "float16", "bfloat16")
 
 
+# Help for the architecture options; every keyword of CnnLstmConfig.__init__ is an option whether or not it is
+# listed here (ModelArguments is built from the signature), so a new config field is trainable at once.
+ARCHITECTURE_HELP = {
+    "backbone": "'paper' (the paper's 12-layer VGG-style trunk) or a timm model name, e.g. resnet18.",
+    "backbone_pretrained": "Load the timm backbone's pretrained weights (needs the Hub or its cache).",
+    "head_type": "'lstm' (the paper's CNN-LSTM) or 'dense' (its competitive CNN).",
+    "use_batch_norm": "Batch norm after every convolution.",
+    "block_widths": "JSON list of lists of conv widths, e.g. [[8],[16,16]]; default: the paper's.",
+    "image_size": "Input height and width.",
+    "num_channels": "Input channels (grayscale X-rays are repeated).",
+    "block_dropout": "Dropout after each conv block (paper: 0.25).",
+    "head_dropout": "Dropout before the dense layer (not in the paper).",
+    "lstm_hidden_size": "LSTM units.",
+    "lstm_num_layers": "Stacked LSTM layers.",
+    "lstm_bidirectional": "Bidirectional LSTM.",
+    "fc_size": "Width of the dense layer before the classifier.",
+    "image_mean": "JSON list: per-channel normalisation mean (default ImageNet's, one value per channel).",
+    "image_std": "JSON list: per-channel normalisation std (default ImageNet's, one value per channel).",
+    "crop_to_lungs": "Crop every image to its lung fields' box (plus 5 percent) before the resize, in training and "
+    "(through the saved processor config) at inference: what lies far from the lungs never reaches the model.",
+}
+NOT_ARCHITECTURE = {"self", "kwargs", "calibration_temperature"}  # fitted after training, never an option
+
+
+def _architecture_fields() -> list[tuple[str, Any, Any]]:
+    """(name, type, field) of every CnnLstmConfig keyword: scalars keep their type and default; anything else
+    (lists) is a JSON string whose default None means the config's own default."""
+    found = []
+    for name, parameter in inspect.signature(CnnLstmConfig.__init__).parameters.items():
+        if name in NOT_ARCHITECTURE or parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            continue
+        default = parameter.default
+        kind = type(default) if isinstance(default, (bool, int, float, str)) else None
+        help_text = ARCHITECTURE_HELP.get(name, f"CnnLstmConfig.{name} (modeling_cnn_lstm/configuration_cnn_lstm.py).")
+        if kind is None:
+            found.append((name, str | None, field(default=None, metadata={"help": help_text})))
+        else:
+            found.append((name, kind, field(default=default, metadata={"help": help_text})))
+    return found
+
+
+ARCHITECTURE_FIELDS = tuple(name for name, _, _ in _architecture_fields())
+JSON_FIELDS = tuple(name for name, kind, _ in _architecture_fields() if kind == str | None)
+
+
 @dataclass
-class ModelArguments:
-    """The network (a new CnnLstmConfig, or a checkpoint to start from) and how the final folder is saved."""
+class _TrainingOptions:
+    """What training adds to the architecture: where to start from, the training-only head, speed and saving."""
 
     model_name_or_path: str | None = field(default=None, metadata={"help": "Start from this checkpoint (fine-tune)."})
-    head_type: str = field(default="lstm", metadata={"help": "'lstm' (the paper's CNN-LSTM) or 'dense' (its CNN)."})
-    use_batch_norm: bool = field(default=False, metadata={"help": "Batch norm after every convolution."})
-    block_widths: str | None = field(
-        default=None, metadata={"help": "JSON list of lists of conv widths, e.g. [[8],[16,16]]; default: paper."}
-    )
-    image_size: int = field(default=224, metadata={"help": "Input height and width."})
-    num_channels: int = field(default=3, metadata={"help": "Input channels (grayscale X-rays are repeated)."})
-    block_dropout: float = field(default=0.25, metadata={"help": "Dropout after each conv block (paper: 0.25)."})
-    head_dropout: float = field(default=0.0, metadata={"help": "Dropout before the dense layer (not in the paper)."})
-    lstm_hidden_size: int = field(default=512, metadata={"help": "LSTM units."})
-    lstm_num_layers: int = field(default=1, metadata={"help": "Stacked LSTM layers."})
-    lstm_bidirectional: bool = field(default=False, metadata={"help": "Bidirectional LSTM."})
-    fc_size: int = field(default=64, metadata={"help": "Width of the dense layer before the classifier."})
-    crop_to_lungs: bool = field(
-        default=False,
-        metadata={
-            "help": "Crop every image to its lung fields' box (plus 5 percent) before the resize, in training and "
-            "(through the saved processor config) at inference: what lies far from the lungs never reaches the model."
-        },
-    )
     source_adversary_weight: float = field(
         default=0.0,
         metadata={
@@ -93,24 +120,34 @@ class ModelArguments:
             )
         if self.source_adversary_weight < 0:
             raise ValueError(f"--source_adversary_weight must be >= 0, got {self.source_adversary_weight}")
-        if isinstance(self.block_widths, list):  # a JSON config may give the list itself
-            self.block_widths = json.dumps(self.block_widths)
+        for name in JSON_FIELDS:  # a JSON config may give the list itself
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, json.dumps(getattr(self, name)))
 
     def architecture(self) -> dict[str, Any]:
-        """CnnLstmConfig keyword arguments given by these options."""
-        settings = {
-            name: getattr(self, name)
-            for name in (
-                "head_type", "use_batch_norm", "image_size", "num_channels", "block_dropout", "head_dropout",
-                "lstm_hidden_size", "lstm_num_layers", "lstm_bidirectional", "fc_size", "crop_to_lungs",
-            )
-        }  # fmt: skip
-        if self.block_widths is not None:
-            settings["block_widths"] = json.loads(self.block_widths)
+        """CnnLstmConfig keyword arguments given by these options (a JSON option left at None: the config's own
+        default)."""
+        settings = {}
+        for name in ARCHITECTURE_FIELDS:
+            value = getattr(self, name)
+            if name in JSON_FIELDS:
+                if value is None:
+                    continue
+                value = json.loads(value)
+            settings[name] = value
         return settings
 
     def build_config(self, **extra: Any) -> CnnLstmConfig:
-        return CnnLstmConfig(**self.architecture(), **extra)
+        return CnnLstmConfig(**{**self.architecture(), **extra})
+
+
+ModelArguments = dataclasses.make_dataclass(
+    "ModelArguments",
+    _architecture_fields(),
+    bases=(_TrainingOptions,),
+    namespace={"__doc__": "The network (every CnnLstmConfig keyword, or a checkpoint to start from) and how the "
+               "final folder is saved.", "__module__": __name__},
+)  # fmt: skip
 
 
 @dataclass

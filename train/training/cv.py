@@ -21,7 +21,7 @@ model that neither trained on nor was selected on it).
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
 import logging
 import math
@@ -83,8 +83,7 @@ def run_fold(ctx: RunContext, pooled: CachedSplit, fold: int, folds: np.ndarray,
         logger.info("fold %d: %s predates the inner-selection protocol; rerunning", fold, result_path)
     roles = fold_roles(folds, fold, k)
     train_split, selection, scored = (pooled.subset(roles[name]) for name in ("train", "selection", "scored"))
-    args = copy.copy(ctx.training_args)
-    args.output_dir = str(fold_dir)
+    args = dataclasses.replace(ctx.training_args, output_dir=str(fold_dir))
     model = prepare_model(ctx)
     trainer, stats = fit(ctx, model, args, train_split, selection, stage=f"fold {fold}")  # selection: checkpoint, stop
     temperature = 1.0
@@ -158,7 +157,7 @@ def cross_validate(ctx: RunContext) -> Path | None:
     args = no_eval_args(ctx.training_args, output_dir / "final-training")
     best_epochs = [result["best_epoch"] for result in results if result["best_epoch"] is not None]
     if best_epochs and args.max_steps <= 0:
-        args.num_train_epochs = max(1, math.ceil(float(np.median(best_epochs))))
+        args = dataclasses.replace(args, num_train_epochs=max(1, math.ceil(float(np.median(best_epochs)))))
     model = prepare_model(ctx)
     trainer, stats = fit(ctx, model, args, pooled, None, stage="final model (all non-test data)")
     test_logits = predict_logits(trainer, ctx.splits["test"])

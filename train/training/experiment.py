@@ -47,8 +47,13 @@ def prepare(
     data_args: DataArguments,
     eval_args: EvaluationArguments,
     training_args: TrainingArguments,
+    *,
+    push_to_hub: bool = False,
+    hub_token: str | None = None,
+    precision_reason: str = "",
 ) -> RunContext:
-    """Load, check and cache the data; load the metric. No training step happens before this returns."""
+    """Load, check and cache the data; load the metric; return the run's complete context. No training step
+    happens before this returns."""
     if training_args.dataloader_drop_last:
         raise ValueError("--dataloader_drop_last would also drop validation/test images in the Trainer; not supported")
     if model_args.model_name_or_path:
@@ -95,12 +100,11 @@ def prepare(
         cached = {name: dataclasses.replace(split, pixels=hide_lungs_uint8(split.pixels))
                   for name, split in cached.items()}  # fmt: skip
     data_info = describe_data(cached, label_names, data_args)
-    push = bool(training_args.push_to_hub)
-    training_args.push_to_hub = False
-    ctx = RunContext(model_args, data_args, eval_args, training_args, label_names, cached, metric, data_info, push)
-    ctx.sources, ctx.cache_dir = sources, cache_dir
-    ctx.precision_reason = choose_precision(model_args, training_args)
-    return ctx
+    return RunContext(
+        model_args, data_args, eval_args, training_args, label_names, cached, metric, data_info,
+        push_to_hub=push_to_hub, sources=sources, cache_dir=cache_dir, precision_reason=precision_reason,
+        hub_token=hub_token,
+    )  # fmt: skip
 
 
 def exclude_sources(dataset: Any, splits: list[str], sources: str) -> Any:
@@ -119,18 +123,18 @@ def exclude_sources(dataset: Any, splits: list[str], sources: str) -> Any:
     return dataset
 
 
-def choose_precision(model_args: ModelArguments, training_args: TrainingArguments) -> str:
-    """On a CPU, `--cpu_precision` (auto: bf16 only where the CPU has native bf16) decides bf16 autocast; logged."""
+def choose_precision(model_args: ModelArguments, training_args: TrainingArguments) -> tuple[bool, str]:
+    """(bf16 autocast?, why). On a CPU `--cpu_precision` decides (auto: bf16 only where the CPU has native bf16);
+    elsewhere `--bf16` does. Logged; the caller makes the TrainingArguments that say so."""
     if training_args.device.type != "cpu":
-        return "bf16 autocast" if training_args.bf16 else "fp16 autocast" if training_args.fp16 else "fp32"
+        choice = "bf16 autocast" if training_args.bf16 else "fp16 autocast" if training_args.fp16 else "fp32"
+        return training_args.bf16, choice
     use_bf16, reason = choose_cpu_precision(model_args.cpu_precision)
     if use_bf16 != training_args.bf16:
         logger.info("--cpu_precision %s overrides --bf16 %s", model_args.cpu_precision, training_args.bf16)
-    training_args.bf16 = use_bf16
-    training_args.mixed_precision = "bf16" if use_bf16 else "no"
     choice = f"{'bf16 autocast' if use_bf16 else 'fp32'} on the CPU ({reason})"
     logger.info("precision: %s", choice)
-    return choice
+    return use_bf16, choice
 
 
 def describe_data(splits: dict[str, CachedSplit], label_names: list[str], data_args: DataArguments) -> dict[str, Any]:
@@ -177,19 +181,22 @@ def run(
     eval_args: EvaluationArguments,
     training_args: TrainingArguments,
 ) -> Path | None:
-    # The token leaves TrainingArguments before anything else happens: the Trainer pickles them into every
-    # checkpoint's training_args.bin, which may be shared or pushed. The pushes get it from the context instead.
-    hub_token, training_args.hub_token = training_args.hub_token, None
     if data_args.hide_lungs and (model_args.low_res_epochs > 0 or model_args.crop_to_lungs):
         raise ValueError("--hide_lungs (a diagnostic) cannot be combined with --low_res_epochs or --crop_to_lungs")
     if eval_args.cross_validation and model_args.low_res_epochs > 0:
         raise ValueError("--low_res_epochs (progressive resizing) is not supported with --cross_validation")
     if eval_args.final_model_dir is None:
-        eval_args.final_model_dir = str(Path(training_args.output_dir) / "final")
+        eval_args = dataclasses.replace(eval_args, final_model_dir=str(Path(training_args.output_dir) / "final"))
+    hub_token, push_to_hub = training_args.hub_token, bool(training_args.push_to_hub)
     if not eval_args.skip_push_check:  # before any data is read: a push that cannot succeed stops the run now
         check_pushes(training_args, eval_args, hub_token)
-    ctx = prepare(model_args, data_args, eval_args, training_args)
-    ctx.hub_token = hub_token
+    use_bf16, precision_reason = choose_precision(model_args, training_args)
+    # The arguments the Trainer gets, made once: without the token (the Trainer pickles them into every
+    # checkpoint's training_args.bin, which may be shared or pushed; the pushes get it from the context), without
+    # push_to_hub (the Trainer itself never pushes checkpoints), with the precision chosen above.
+    training_args = dataclasses.replace(training_args, hub_token=None, push_to_hub=False, bf16=use_bf16)
+    ctx = prepare(model_args, data_args, eval_args, training_args, push_to_hub=push_to_hub, hub_token=hub_token,
+                  precision_reason=precision_reason)  # fmt: skip
     final = cross_validate(ctx) if eval_args.cross_validation else single_run(ctx)
     shutdown_distributed()
     return final

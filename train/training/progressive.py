@@ -13,6 +13,7 @@ The stage is selected by nothing: its last weights carry over (checkpoint choice
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -38,12 +39,9 @@ def stage_dir(output_dir: str | Path, image_size: int) -> Path:
 
 def low_res_args(args: TrainingArguments, output_dir: Path, epochs: float) -> TrainingArguments:
     """The main run's arguments for the low-resolution stage: its own folder and epochs, no checkpoint choice."""
-    args = copy.copy(args)
-    args.output_dir = str(output_dir)
-    args.num_train_epochs = epochs
-    args.max_steps = -1
-    args.load_best_model_at_end = False
-    return args
+    return dataclasses.replace(
+        args, output_dir=str(output_dir), num_train_epochs=epochs, max_steps=-1, load_best_model_at_end=False
+    )
 
 
 def transfer_weights(source: torch.nn.Module, target: torch.nn.Module) -> list[str]:

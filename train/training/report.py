@@ -125,6 +125,7 @@ def write_report(
     logits: np.ndarray,
     labels: np.ndarray,
     label_names: Sequence[str],
+    *,
     temperature: float = 1.0,
     calibration_fitted_on: str = "validation",
     columns: dict[str, Sequence[Any]] | None = None,

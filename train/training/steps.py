@@ -7,7 +7,7 @@ reaching back into experiment.py.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -88,13 +88,12 @@ def fit(
     compute_metrics = build_compute_metrics(
         ctx.metric, ctx.label_names, ctx.eval_args.ece_bins, ctx.eval_args.selection_window
     )
+    callbacks.append(compute_metrics)  # it reads the Trainer's log history through on_train_begin
     adversary_weight = ctx.model_args.source_adversary_weight
     source_names = sorted(set(train_split.columns.get("source", []))) if adversary_weight > 0 else None
     train_split = train_split.with_training_extras(ctx.data_args.outside_lung_swap > 0, source_names)
     adversary = SourceAdversary(model.config, len(source_names), adversary_weight) if source_names else None
     trainer = make_trainer(model, args, train_split, eval_split, transform, compute_metrics, callbacks, adversary)
-    compute_metrics.previous = lambda: [entry["eval_macro_f1"] for entry in trainer.state.log_history
-                                        if "eval_macro_f1" in entry]  # fmt: skip
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resolve_resume(args, args.output_dir))
     stats = dict(output.metrics)
@@ -104,14 +103,9 @@ def fit(
 
 def no_eval_args(args: TrainingArguments, output_dir: str | Path) -> TrainingArguments:
     """A copy that trains without evaluation (no validation data): no best-checkpoint choice, epoch saves."""
-    args = copy.copy(args)
-    args.output_dir = str(output_dir)
-    args.eval_strategy = IntervalStrategy.NO
-    args.do_eval = False
-    args.load_best_model_at_end = False
-    if args.save_strategy == SaveStrategy.BEST:
-        args.save_strategy = SaveStrategy.EPOCH
-    return args
+    save = SaveStrategy.EPOCH if args.save_strategy == SaveStrategy.BEST else args.save_strategy
+    return dataclasses.replace(args, output_dir=str(output_dir), eval_strategy=IntervalStrategy.NO, do_eval=False,
+                               load_best_model_at_end=False, save_strategy=save)  # fmt: skip
 
 
 def final_audit(ctx: RunContext, model: CnnLstmForImageClassification) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -161,14 +155,14 @@ def finalize(
             test_logits,
             test.labels,
             ctx.label_names,
-            temperature,
-            fitted_on,
-            test.columns,
-            histories,
-            ctx.eval_args.bootstrap_samples,
-            ctx.eval_args.ece_bins,
-            ctx.training_args.seed,
-            extra,
+            temperature=temperature,
+            calibration_fitted_on=fitted_on,
+            columns=test.columns,
+            histories=histories,
+            bootstrap_samples=ctx.eval_args.bootstrap_samples,
+            ece_bins=ctx.eval_args.ece_bins,
+            seed=ctx.training_args.seed,
+            extra=extra,
         )
         write_model_card(folder / "README.md", report, info, ctx.eval_args.model_card_template)
     logger.info("final model folder written to %s", destination)

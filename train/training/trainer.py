@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import EvalPrediction, Trainer, TrainingArguments
+from transformers import EvalPrediction, Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 from modeling_cnn_lstm import CnnLstmConfig, CnnLstmForImageClassification, CnnLstmImageProcessor
 from train.training.arguments import ModelArguments
@@ -70,17 +70,26 @@ def flatten_metrics(result: dict[str, Any]) -> dict[str, float]:
     return {key: float(value) for key, value in flat.items()}
 
 
-class ComputeMetrics:
+class ComputeMetrics(TrainerCallback):
     """`compute_metrics` for the Trainer, backed by the project's `evaluate` module.
 
     With `selection_window` N > 1 it also returns `macro_f1_smoothed`: the mean macro-F1 of this evaluation and the
-    N - 1 before it, read through `previous()` (the Trainer's log history, which a resumed run restores).
+    N - 1 before it, read from the Trainer's log history (which a resumed run restores). It is also one of the
+    Trainer's callbacks: `on_train_begin` hands it the Trainer's state, so nothing is attached from outside.
     """
 
     def __init__(self, metric: Any, label_names: list[str], ece_bins: int, selection_window: int = 1) -> None:
         self.metric, self.label_names, self.ece_bins = metric, label_names, ece_bins
         self.selection_window = selection_window
-        self.previous: Callable[[], list[float]] = list
+        self._state: TrainerState | None = None
+
+    def on_train_begin(self, args: Any, state: TrainerState, control: Any, **kwargs: Any) -> None:
+        self._state = state
+
+    def previous(self) -> list[float]:
+        """Validation macro-F1 of the evaluations so far, oldest first."""
+        history = self._state.log_history if self._state is not None else []
+        return [entry["eval_macro_f1"] for entry in history if "eval_macro_f1" in entry]
 
     def __call__(self, prediction: EvalPrediction) -> dict[str, float]:
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
