@@ -197,6 +197,15 @@ def percentiles(values: list[float]) -> tuple[float | None, float | None]:
     return float(np.percentile(values, 50)), float(np.percentile(values, 95))
 
 
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @contextlib.contextmanager
 def app_process(model: str, env: dict[str, str], folder: Path, timeout: float = 300) -> Iterator[str]:
     """`python app.py --model MODEL` on a free port in its own process (as deployed); yields its URL."""
@@ -220,12 +229,7 @@ def app_process(model: str, env: dict[str, str], folder: Path, timeout: float = 
                 time.sleep(0.5)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 class FairnessCheck:
@@ -462,12 +466,7 @@ def app_cold_start(model: str | None, env: dict[str, str], folder: Path, xray: P
                 "rss_idle_mb": rss_mb(process.pid), "hwm_mb": rss_mb(process.pid, "VmHWM"),
                 "fast_path_chosen": bool(FAST_PATH_CHOSEN.search(log_path.read_text()))}  # fmt: skip
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def run_startup(args: BenchmarkAppArguments) -> dict:
