@@ -312,7 +312,7 @@ def png_declared_bytes(width: int, height: int, depth: int, colour: int, interla
     return total
 
 
-def png_image_data(stream: BinaryIO, file_size: int, chunk: int = 1 << 20) -> None:
+def png_image_data(stream: BinaryIO, file_size: int, max_pixels: int | None = None, chunk: int = 1 << 20) -> None:
     """Inflate the IDAT stream, counting the bytes without keeping them, and raise Incomplete when it ends before
     the rows IHDR declares (Pillow pads a short stream with black rows). A broken stream is left to Pillow."""
     stream.seek(8)
@@ -320,6 +320,8 @@ def png_image_data(stream: BinaryIO, file_size: int, chunk: int = 1 << 20) -> No
     if len(header) < 25 or header[4:8] != b"IHDR":
         return
     width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", header[8:21])
+    if max_pixels is not None and width * height > max_pixels:
+        return  # refused for its size before any decoding: nothing to inflate here
     expected = png_declared_bytes(width, height, depth, colour, interlace == 1)
     inflater, total, position = zlib.decompressobj(), 0, 8
     try:
@@ -354,7 +356,7 @@ def _ceil(numerator: int, denominator: int) -> int:
     return -(-numerator // denominator)
 
 
-def jpeg_scans(data: bytes) -> tuple[int, int]:
+def jpeg_scans(data: bytes, max_pixels: int | None = None) -> tuple[int, int]:
     """(scans, entropy-coded bytes) of a JPEG. TooComplex past MAX_JPEG_SCANS (each costs a full decoding pass);
     Incomplete when the entropy-coded data cannot describe the declared frame: a Huffman-coded scan spends at least
     one bit on every 8x8 block's DC value, so fewer bytes than the frame has blocks / 8 means the rest would be
@@ -385,7 +387,8 @@ def jpeg_scans(data: bytes) -> tuple[int, int]:
             end = found.start() if found else len(data)
             entropy += end - position
             position = end
-    if frame is not None and frame[2] and not frame[3]:
+    too_large = frame is not None and max_pixels is not None and frame[0] * frame[1] > max_pixels
+    if frame is not None and frame[2] and not frame[3] and not too_large:  # a frame too large is refused for that
         height, width, sampling, _ = frame
         h_max, v_max = max(s >> 4 for s in sampling) or 1, max(s & 15 for s in sampling) or 1
         blocks = sum(_ceil(_ceil(width * (s >> 4), h_max), 8) * _ceil(_ceil(height * (s & 15), v_max), 8)

@@ -141,13 +141,13 @@ def _check_structure(path: Path, head: bytes, size: int) -> codestreams.TiffLayo
         with path.open("rb") as handle:
             if kind == "PNG":
                 codestreams.png_chunk_counts(handle, size)
-                codestreams.png_image_data(handle, size)  # a short IDAT stream would come back padded with black
+                codestreams.png_image_data(handle, size, MAX_PIXELS)  # a short IDAT stream would be padded black
                 return None
             if kind == "JPEG":  # Pillow loads the EXIF block at open (to look for a DPI), the MPF index too
                 for block in codestreams.jpeg_metadata(handle, size):
                     codestreams.check_ifd_block(block)
                 handle.seek(0)
-                codestreams.jpeg_scans(handle.read())  # scan count (CPU), and data too short for the frame
+                codestreams.jpeg_scans(handle.read(), MAX_PIXELS)  # scan count (CPU), data too short for the frame
                 return None
             return codestreams.tiff_layout(handle, size)
     except codestreams.TooComplex as error:
@@ -159,8 +159,8 @@ def _check_structure(path: Path, head: bytes, size: int) -> codestreams.TiffLayo
         raise CorruptImageError(f"The file starts like a {kind} image but is damaged: it cannot be read.") from None
     except codestreams.Incomplete as error:
         raise CorruptImageError(
-            f"The file is incomplete: {error}. A decoder would fill in the missing part and the model would answer "
-            "for an image that is mostly padding, so it is refused. Export or copy the X-ray again."
+            f"The file is incomplete (truncated): {error}. A decoder would fill in the missing part and the model "
+            "would answer for an image that is mostly padding, so it is refused. Export or copy the X-ray again."
         ) from None
 
 

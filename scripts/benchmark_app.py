@@ -86,6 +86,11 @@ class BenchmarkAppArguments:
     server_env: list[str] = field(
         default_factory=list, metadata={"help": "Fairness: extra NAME=VALUE settings for the app's process."}
     )
+    heavy_file: str | None = field(
+        default=None,
+        metadata={"help": "Fairness: the heavy clients loop on /predict with this file (e.g. a crafted CPU-bomb "
+                  "upload) instead of on /explain with Integrated Gradients."},
+    )  # fmt: skip
     startup: bool = field(default=False, metadata={"help": "Run the cold-start check instead (see above)."})
     startup_runs: int = field(default=3, metadata={"help": "Startup: cold starts of each kind (median printed)."})
 
@@ -284,6 +289,9 @@ class FairnessCheck:
                 self.heavy["rate_limited"] += 1
             elif not isinstance(error, AppError) and "Queue is full" in text:
                 self.heavy["refused_in_queue"] += 1
+            elif self.args.heavy_file and isinstance(error, AppError):  # the file itself refused, with its sentence
+                self.heavy["refused_file"] = self.heavy.get("refused_file", 0) + 1
+                self.heavy["file_sentence"] = text[:200]
             else:
                 prefix = "" if isinstance(error, AppError) else f"{type(error).__name__}: "
                 self.heavy["other_errors"].append(prefix + text[:200])
@@ -292,11 +300,15 @@ class FairnessCheck:
         from gradio_client import Client, handle_file
 
         client = Client(self.url, verbose=False, headers=user_headers(100 + index))
-        path = handle_file(str(self.images[index % len(self.images)]))
+        bomb = self.args.heavy_file
+        path = handle_file(bomb or str(self.images[index % len(self.images)]))
         while not self.stop_heavy.is_set():
             start = time.perf_counter()
             try:
-                client.predict(path, INTEGRATED_GRADIENTS, "Predicted class", api_name="/explain")
+                if bomb:
+                    client.predict(path, api_name="/predict")
+                else:
+                    client.predict(path, INTEGRATED_GRADIENTS, "Predicted class", api_name="/explain")
             except Exception as error:  # noqa: BLE001 - rate limits, queue refusals and the rest, counted
                 self._count_heavy_failure(error)
                 self.stop_heavy.wait(0.2)  # a refusal is cheap; a hostile script would not wait long either
@@ -356,8 +368,9 @@ def run_fairness(args: BenchmarkAppArguments) -> dict:
     env = {"CNN_LSTM_PROXY_HOPS": "1", "CNN_LSTM_RATE_LIMITS": "on" if args.rate_limits else "off"}
     env.update(dict(setting.split("=", 1) for setting in args.server_env))
     print(f"model: {model}; {len(images)} example X-rays; server settings {env}")
+    heavy = f"/predict with {args.heavy_file}" if args.heavy_file else f"/explain ({INTEGRATED_GRADIENTS})"
     print(f"{args.normal_clients} users on /predict (pause {args.think_s:g} s), {args.baseline_s:g} s alone, then "
-          f"{args.duration_s:g} s beside {args.heavy_clients} clients looping on /explain ({INTEGRATED_GRADIENTS})")
+          f"{args.duration_s:g} s beside {args.heavy_clients} clients looping on {heavy}")
     with tempfile.TemporaryDirectory(prefix="benchmark-fairness-") as tmp, app_process(model, env, Path(tmp)) as url:
         result = check_fairness(url, images, args)
     result.update(model=model, server_env=env, cpu_count=os.cpu_count())
@@ -371,7 +384,7 @@ def run_fairness(args: BenchmarkAppArguments) -> dict:
     print(f"\nnormal users' errors: {len(result['normal_errors'])}; IG maps served: {heavy['served']} "
           f"(each {', '.join(f'{s:.1f}' for s in heavy['seconds'])} s), refused by the rate limit: "
           f"{heavy['rate_limited']}, refused at the queue: {heavy['refused_in_queue']}, "
-          f"other errors: {len(heavy['other_errors'])}")
+          f"the file refused: {heavy.get('refused_file', 0)}, other errors: {len(heavy['other_errors'])}")
     for error in (result["normal_errors"] + heavy["other_errors"])[:5]:
         print("  error:", error)
     print(f"goal (/predict p95 <= 2 s under load, no errors for normal users): "

@@ -2,7 +2,7 @@
 that lie about sizes, truncated streams, polyglots, impossible values. Each file is generated here (tests/app/
 crafted_files.py; none is stored), sent to `/predict` with gradio_client, and must be answered with a clear message
 (never "Unexpected error") or, for the odd-but-valid ones, with probabilities. At the end: the server's peak resident
-memory over the whole module (VmHWM of the server process, not of pytest) stays under 2 GiB, it still answers a
+memory over the whole module (VmHWM of the server process, not of pytest) stays under 1800 MiB, it still answers a
 real X-ray, and its log holds no DICOM patient data.
 """
 
@@ -26,7 +26,8 @@ from PIL import Image
 from tests.app import crafted_files as craft
 
 pytestmark = pytest.mark.slow
-PEAK_LIMIT_BYTES = 2 * 2**30
+INCOMPLETE = r"incomplete \(truncated\): "  # data shorter than declared: refused, never padded and answered
+PEAK_LIMIT_BYTES = 1800 * 2**20  # measured 1568 MiB (2026-12-05, Xeon), plus a margin
 LABELS = ["COVID-19", "Normal", "Pneumonia"]
 STRUCTURE = "declares more structure"  # the message of the structure guards (TIFF directory, PNG chunks)
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -280,8 +281,8 @@ CASES = [
     Crafted("rgb-49mp-zeros.png", lambda: craft.png(7000, 7000, colour=2), None, "reduced to 2334x2334"),
     Crafted("grey16-49mp-zeros.png", lambda: craft.png(7000, 7000, depth=16), None, "reduced to 3500x3500"),
     Crafted("ihdr-lies-rows-missing.png", lambda: craft.png(7000, 7000, idat=zlib.compress(bytes(10 * 7001))),
-            "incomplete: its PNG image data ends after 0%"),  # Pillow would fill the missing rows with black
-    Crafted("idat-ends-at-a-quarter.png", lambda: _short_idat_png(4), "incomplete: its PNG image data ends after 2"),
+            INCOMPLETE + "its PNG image data ends after 0%"),  # Pillow would fill the missing rows with black
+    Crafted("idat-ends-at-a-quarter.png", lambda: _short_idat_png(4), INCOMPLETE + "its PNG image data ends after 2"),
     # valid files the completeness checks must leave alone: IDAT split into 1000 chunks, bytes after IEND
     Crafted("idat-in-1000-chunks.png", _png_in_many_idats, None),
     Crafted("bytes-after-iend.png", lambda: _png_in_many_idats(1) + b"trailing bytes" * 100, None),
@@ -322,9 +323,9 @@ CASES = [
     Crafted("declared-4gp.jpg", lambda: craft.jpeg_with_size(_gradient_jpeg(), 65_000, 65_000),
             r"too large \(4225 megapixels"),
     Crafted("sof-lies-49mp.jpg", lambda: craft.jpeg_with_size(_gradient_jpeg(), 7000, 7000),
-            "incomplete: its JPEG data"),  # libjpeg would stop at the end marker and pad with grey
+            INCOMPLETE + "its JPEG data"),  # libjpeg would stop at the end marker and pad with grey
     Crafted("xray-sof-lies-7000.jpg", lambda: craft.jpeg_with_size(min(EXAMPLES.glob("normal-nih-*.jpg")).read_bytes(),
-                                                                   7000, 7000), "incomplete: its JPEG data"),
+                                                                   7000, 7000), INCOMPLETE + "its JPEG data"),
     Crafted("300-scans.jpg", _many_scans_jpeg, r"more than 64 JPEG scans"),  # each scan: one more decoding pass
     Crafted("progressive.jpg", lambda: _gradient_jpeg(512, 512, progressive=True), None),  # 6 scans: fine
     Crafted("truncated.jpg", lambda: min(EXAMPLES.glob("normal-*.jpg")).read_bytes()[:20_000], "incomplete"),
@@ -369,7 +370,7 @@ CASES = [
     Crafted("500-jpeg-frames.dcm", lambda: _jpeg_frames_dicom(_gradient_jpeg(64, 64), frames=500), None,
             "500 frames"),
     Crafted("frames-2g.dcm", lambda: craft.dicom(frames=2**31 - 1, pixel_data=bytes(64 * 64 * 2)),
-            "cannot be decoded"),
+            "incomplete"),  # 2**31 frames declared, one frame of pixel data
     Crafted("rows-60000.dcm", lambda: craft.dicom(60_000, 60_000, pixel_data=bytes(64)), "too large"),
     Crafted("window-width-0.dcm", lambda: _window("0"), "Window Width must be a positive number"),
     Crafted("window-width-negative.dcm", lambda: _window("-50"), "Window Width must be a positive number"),
