@@ -94,10 +94,11 @@ def _analyse_tab(app: CxrDemo, endpoints: Endpoints, labels: list[str], upload_t
     note = gr.Markdown(label="How to read the map", elem_id="explain-note")
     view = gr.State(None)
 
-    # Separate queues: a prediction never waits behind a saliency map. Two predictions at a time (~0.15 s each).
+    # Separate queues: a prediction never waits behind a saliency map. Three predictions at a time (~0.15 s each;
+    # one on a file over 12 MB per client, decoded in the low-priority worker).
     # Maps: three at a time, but the slow ones (5-20 s) run one by one in the low-priority worker, so a Grad-CAM
     # map (~0.5 s) waits behind them only when three clients ask for slow maps at once (each may have one).
-    fast = {"concurrency_limit": 2, "concurrency_id": "predict"}
+    fast = {"concurrency_limit": 3, "concurrency_id": "predict"}
     maps = {"concurrency_limit": 3, "concurrency_id": "explain"}
     private = {"api_visibility": "private"}
     map_inputs, map_outputs = [file, method, target, opacity], [overlay, note, view]

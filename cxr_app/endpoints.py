@@ -5,8 +5,10 @@ serving. Also the note shown beside the upload box.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -16,15 +18,21 @@ import gradio as gr
 import torch
 from PIL import Image
 
-from .limits import BATCH, GRAD_CAM_MAP, PREDICT, SLOW_MAP, FairUse, RateLimited
+from .limits import BATCH, GRAD_CAM_MAP, LARGE_FILE, LARGE_FILE_BYTES, PREDICT, SLOW_MAP, FairUse, RateLimited
 from .loading import ModelUnavailable
 from .results import columns, rows_csv
 from .retention import remove_older_than, retention_text
 from .saliency import DEFAULT_OPACITY, GRAD_CAM
-from .service import CxrDemo, SaliencyView
+from .service import CxrDemo, SaliencyView, file_path
 from .uploads import InputError
 
 logger = logging.getLogger(__name__)
+
+
+def _is_large(file: Any) -> bool:
+    with contextlib.suppress(OSError, TypeError):
+        return os.path.getsize(file_path(file) or "") > LARGE_FILE_BYTES
+    return False
 
 
 def as_user_error(action: str) -> Callable:
@@ -82,8 +90,12 @@ class Endpoints:
 
     @as_user_error("reading the image and predicting")
     def predict(self, file: str, request: gr.Request) -> tuple[dict[str, float], str]:
-        with self.limiter.slot(self.fair_use.key(request), PREDICT):
-            return self.app.predict(file)
+        client = self.fair_use.key(request)
+        with self.limiter.slot(client, PREDICT):
+            if not _is_large(file):
+                return self.app.predict(file)
+            with self.limiter.slot(client, LARGE_FILE):  # decoded in the low-priority worker, a few a minute
+                return self.app.slow_maps.run(self.app.predict, file)
 
     @as_user_error("running the competitive CNN")
     def predict_cnn(self, file: str, request: gr.Request) -> dict[str, float]:

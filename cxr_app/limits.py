@@ -42,6 +42,8 @@ ENV_PROXY_HOPS = "CNN_LSTM_PROXY_HOPS"
 ENV_RATE_LIMITS = "CNN_LSTM_RATE_LIMITS"  # "off" disables the per-client limits (a private deployment, a benchmark)
 ENV_SLOW_MAP_NICE = "CNN_LSTM_SLOW_MAP_NICE"  # niceness added to the slow-map thread; 0 runs them in the caller
 PREDICT, GRAD_CAM_MAP, SLOW_MAP, BATCH = "predict", "grad-cam", "slow-map", "batch"
+LARGE_FILE = "large-file"  # a prediction on an upload over LARGE_FILE_BYTES: decoding it costs ~0.5-2 s of CPU
+LARGE_FILE_BYTES = 12 * 2**20  # a CR/DX DICOM or a 16-bit PNG of a detector is ~5-18 MB; a 49 MP noise JPEG ~33 MB
 logger = logging.getLogger(__name__)
 
 
@@ -210,9 +212,11 @@ def default_limits() -> dict[str, Limit]:
     """Per user: 60 predictions a minute (a person needs a few), 30 Grad-CAM maps a minute (~0.5 s each), and
     3 Integrated Gradients / Occlusion maps per 2 minutes, one at a time (5-15 s of CPU each: one user then holds
     the saliency worker at most ~25% of the time), and 3 batches (up to 50 images, ~5-15 s) per 5 minutes, one at a
-    time (a batch runs in the same low-priority worker as the slow maps)."""
+    time (a batch runs in the same low-priority worker as the slow maps). Predictions on files over 12 MB (their
+    decoding alone can take seconds): 6 a minute, one at a time."""
     return {
         PREDICT: Limit(60, 60.0, what="predictions"),
+        LARGE_FILE: Limit(6, 60.0, in_flight=1, what="predictions on files over 12 MB"),
         GRAD_CAM_MAP: Limit(30, 60.0, what="Grad-CAM maps"),
         SLOW_MAP: Limit(3, 120.0, in_flight=1, what="Integrated Gradients or Occlusion maps"),
         BATCH: Limit(3, 300.0, in_flight=1, what="batches"),
@@ -319,5 +323,6 @@ def _with_threads(threads: int | None, function: Callable[..., Any], *args: Any,
     return function(*args, **kwargs)
 
 
-__all__ = ["BATCH", "FairUse", "GRAD_CAM_MAP", "Limit", "LowPriorityWorker", "PREDICT", "RateLimited", "RateLimiter",
-           "SLOW_MAP", "client_key", "default_limits", "default_proxy_hops", "limit_waiting_per_client", "request_key"]
+__all__ = ["BATCH", "FairUse", "GRAD_CAM_MAP", "LARGE_FILE", "LARGE_FILE_BYTES", "Limit", "LowPriorityWorker",
+           "PREDICT", "RateLimited", "RateLimiter", "SLOW_MAP", "client_key", "default_limits", "default_proxy_hops",
+           "limit_waiting_per_client", "request_key"]

@@ -246,3 +246,35 @@ def test_one_client_cannot_fill_the_queue(free_port):
     finally:
         release.set()
         demo.close()
+
+
+def test_predictions_on_large_files_have_their_own_limit(tmp_path, make_checkpoint, example_xrays):
+    """A file over LARGE_FILE_BYTES (its decoding alone can take seconds) counts against a stricter per-client
+    limit and is decoded in the low-priority worker; a small file from the same client is not held back by it."""
+    import gradio as gr
+    import numpy as np
+    from PIL import Image
+
+    from cxr_app.endpoints import Endpoints
+    from cxr_app.limits import LARGE_FILE, LARGE_FILE_BYTES, PREDICT, FairUse, Limit, default_limits
+    from cxr_app.service import CxrDemo
+
+    assert default_limits()[LARGE_FILE].in_flight == 1
+    make_checkpoint(tmp_path / "checkpoint")
+    app = CxrDemo.from_source(str(tmp_path / "checkpoint"))
+    large = tmp_path / "large.png"
+    noise = np.random.default_rng(0).integers(0, 256, (2600, 2600), dtype=np.uint16)
+    Image.fromarray(noise * 257).save(large)  # 16-bit noise: ~13 MB of PNG
+    assert large.stat().st_size > LARGE_FILE_BYTES
+    fair_use = FairUse(limits={PREDICT: Limit(60, 60.0), LARGE_FILE: Limit(1, 60.0, in_flight=1)}, proxy_hops=0)
+    endpoints = Endpoints(app, fair_use, fair_use.limiter(), tmp_path)
+    request = gr.Request(headers={}, client=None, session_hash="one-client")
+    worker_calls = []
+    original = app.slow_maps.run
+    app.slow_maps.run = lambda function, *args: worker_calls.append(function.__name__) or original(function, *args)
+    scores, _ = endpoints.predict(str(large), request)
+    assert sum(scores.values()) == pytest.approx(1.0, abs=1e-5) and worker_calls == ["predict"]
+    with pytest.raises(gr.Error, match="at most 1 per minute per user"):
+        endpoints.predict(str(large), request)
+    small, _ = endpoints.predict(str(example_xrays["normal"][0]), request)  # a normal file still goes through
+    assert sum(small.values()) == pytest.approx(1.0, abs=1e-5) and worker_calls == ["predict"]
