@@ -47,14 +47,12 @@ from .uploads import InputError, LoadedImage, read_upload, read_upload_cached
 logger = logging.getLogger(__name__)
 
 PREDICTED = "Predicted class"
+MAX_BATCH_UPLOADS = 4 * MAX_BATCH_FILES  # uploads per batch: room for a few unreadable ones, bounded rows
 
 
 def _log_failure(future: Future) -> None:
     if future.exception() is not None:  # the eager path keeps serving; say why the fast one is not used
         logger.warning("no fast CPU path for Occlusion (eager fp32 stays): %r", future.exception())
-
-
-MAX_BATCH_UPLOADS = 4 * MAX_BATCH_FILES  # uploads per batch: room for a few unreadable ones, bounded rows
 
 
 def file_path(file: Any) -> str | None:
