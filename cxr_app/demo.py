@@ -184,8 +184,9 @@ def _report_tab(app: CxrDemo) -> None:
     if comparison is not None:
         gr.Markdown(comparison[0], elem_id="report-comparison")
         if comparison[1] is not None:
-            gr.Image(str(comparison[1]), label="Confusion matrices of both networks (the paper's Fig. 6 layout)",
-                     interactive=False, buttons=["fullscreen"], elem_id="comparison-figure")  # fmt: skip
+            caption = "Confusion matrices of both networks (the paper's Fig. 6 layout)"
+            gr.Image(str(comparison[1]), label=caption, show_label=False, interactive=False, buttons=["fullscreen"],
+                     elem_id="comparison-figure")  # fmt: skip
 
 
 def build_demo(

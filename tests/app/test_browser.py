@@ -150,6 +150,13 @@ def test_model_report_tab(browser, reported_app_url, tmp_path):
         page.wait_for_function(  # the figures load (confusion matrix, ROC, reliability)
             "() => [...document.querySelectorAll('#report-tab img')].filter(i => i.complete && i.naturalWidth)"
             ".length >= 3", timeout=60_000)
+        # the paper's experiment (the shipped report carries it): the comparison and its Fig. 6-style figure
+        comparison = page.locator("#report-comparison")
+        comparison.scroll_into_view_if_needed()
+        assert "CNN-LSTM against the paper's competitive CNN" in comparison.inner_text()
+        assert "McNemar" in comparison.inner_text() and "Verdict" in comparison.inner_text()
+        page.locator("#comparison-figure").scroll_into_view_if_needed()
+        wait_for_image(page, "#comparison-figure", timeout=60_000)
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
     finally:
         page.close()
