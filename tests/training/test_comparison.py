@@ -113,3 +113,26 @@ def test_one_command_trains_both_and_compares(tiny_corpus, tmp_path):
     again = subprocess.run(["bash", "scripts/compare_cnn_lstm.sh"], cwd=REPO_ROOT, env=env, capture_output=True,
                            text=True, timeout=600)  # fmt: skip
     assert again.returncode == 0 and "exists, not retrained" in again.stdout, again.stderr[-2000:]
+
+
+def test_verdict_follows_the_direction_of_each_interval():
+    from train.training.comparison import verdict
+
+    def result(differences, intervals, p_value):
+        test = {"only_first_correct": 15, "only_second_correct": 11, "p_value": p_value}
+        return {"models": ["CNN-LSTM", "CNN"], "num_samples": 209, "num_patients": 99, "mcnemar": test,
+                "differences": differences, "intervals": {k: {"low": lo, "high": hi, "n": 2000}
+                                                           for k, (lo, hi) in intervals.items()}}  # fmt: skip
+
+    cnn_auc = result({"accuracy": 0.019, "macro_f1": 0.024, "macro_auc": -0.03},
+                     {"accuracy": (-0.03, 0.07), "macro_f1": (-0.03, 0.08), "macro_auc": (-0.054, -0.005)}, 0.56)
+    assert "at most weak evidence in favour of the CNN:" in verdict(cnn_auc)  # the AUC interval favours the CNN
+    opposite = result({"accuracy": 0.05, "macro_f1": 0.06, "macro_auc": -0.03},
+                      {"accuracy": (0.005, 0.09), "macro_f1": (0.01, 0.1), "macro_auc": (-0.05, -0.01)}, 0.2)
+    assert "no consistent difference" in verdict(opposite)
+    none = result({"accuracy": 0.01, "macro_f1": 0.0, "macro_auc": 0.0},
+                  {"accuracy": (-0.05, 0.07), "macro_f1": (-0.05, 0.05), "macro_auc": (-0.03, 0.03)}, 0.8)
+    assert "no detectable difference between the two heads at n = 209 images (99 patients)" in verdict(none)
+    both = result({"accuracy": 0.1, "macro_f1": 0.1, "macro_auc": 0.05},
+                  {"accuracy": (0.05, 0.15), "macro_f1": (0.05, 0.15), "macro_auc": (0.01, 0.09)}, 0.001)
+    assert "a difference in favour of the CNN-LSTM" in verdict(both)

@@ -189,9 +189,13 @@ def verdict(result: dict[str, Any]) -> str:
         parts.append(f"{label} {100 * result['differences'][key]:+.1f} points{span}")
     intervals = result["intervals"].items()
     excludes_zero = [key for key, interval in intervals if interval["low"] > 0 or interval["high"] < 0]
-    better = first if result["differences"]["accuracy"] > 0 else second
+    favoured = {key: first if result["differences"][key] > 0 else second for key in excludes_zero}
+    better = next(iter(favoured.values()), first if result["differences"]["accuracy"] > 0 else second)
     mcnemar_says = test["p_value"] < 0.05
-    if not excludes_zero and not mcnemar_says:
+    if len(set(favoured.values())) > 1:
+        conclusion = ("no consistent difference: the paired intervals exclude zero in opposite directions ("
+                      + ", ".join(f"{key} for the {name}" for key, name in favoured.items()) + ")")  # fmt: skip
+    elif not excludes_zero and not mcnemar_says:
         conclusion = (f"no detectable difference between the two heads at n = {n} images "
                       f"({result['num_patients']} patients)")  # fmt: skip
     elif excludes_zero and mcnemar_says:
