@@ -16,10 +16,10 @@ PATIENT_FILE = "Doe_Jane_19700101_chest.png"
 
 def test_redact_replaces_upload_paths_and_keeps_source_paths(tmp_path):
     upload = f"{tmp_path}/gradio/3f2a/{PATIENT_FILE}"
-    text = f'File "/work/main/cxr_app/service.py", line 3, in classify\nOSError: cannot read {upload}: broken'
+    text = f'File "/srv/app/cxr_app/service.py", line 3, in classify\nOSError: cannot read {upload}: broken'
     cleaned = redact(text)
     assert PATIENT_FILE not in cleaned and "Doe_Jane" not in cleaned
-    assert tag(upload) in cleaned and "/work/main/cxr_app/service.py" in cleaned
+    assert tag(upload) in cleaned and "/srv/app/cxr_app/service.py" in cleaned
     assert redact(f"'/home/me/scans/{PATIENT_FILE}'") == f"'{tag(f'/home/me/scans/{PATIENT_FILE}')}'"
     assert tag(upload) == tag(upload) != tag(upload + "x")  # one upload, one tag
 

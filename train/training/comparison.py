@@ -23,7 +23,7 @@ import numpy as np
 
 from cxr_common.report import PREDICTIONS_FILE, percent
 from train.metrics.cxr_metrics.cxr_metrics import compute_classification_metrics
-from train.training.report import per_class_table, read_predictions
+from train.training.report import per_class_table, percentile_interval, read_predictions, resamples
 
 DIFFERENCE_KEYS = ("accuracy", "macro_f1", "macro_auc")
 # What the paper reports for its two networks (Islam, Islam & Asraf 2020; image-level split, 915 test images): the
@@ -72,22 +72,14 @@ def paired_bootstrap(
 ) -> dict[str, dict[str, float]]:
     """Percentile 95% intervals of first - second for DIFFERENCE_KEYS, resampling patients (both models scored on
     the same resample); resamples where a difference is undefined (a class missing: no AUC) are left out."""
-    rng = np.random.default_rng(seed)
-    _, group_index = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
-    members = [np.flatnonzero(group_index == group) for group in range(group_index.max() + 1)]
     found: dict[str, list[float]] = {key: [] for key in DIFFERENCE_KEYS}
-    for _ in range(samples):
-        indices = np.concatenate([members[group] for group in rng.integers(0, len(members), len(members))])
+    for indices in resamples(len(labels), groups, samples, seed):
         a = compute_classification_metrics(first[indices], labels[indices], names, input_type="probabilities")
         b = compute_classification_metrics(second[indices], labels[indices], names, input_type="probabilities")
         for key in DIFFERENCE_KEYS:
             if a[key] is not None and b[key] is not None and np.isfinite(a[key]) and np.isfinite(b[key]):
                 found[key].append(a[key] - b[key])
-    return {
-        key: {"low": float(np.percentile(values, 2.5)), "high": float(np.percentile(values, 97.5)), "n": len(values)}
-        for key, values in found.items()
-        if values
-    }
+    return {key: percentile_interval(values) for key, values in found.items() if values}
 
 
 def mcnemar(first_correct: np.ndarray, second_correct: np.ndarray) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,21 @@ def _defined(value: float | None) -> bool:
     return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
-def _percentile_interval(found: list[float]) -> dict[str, Any]:
+def percentile_interval(found: list[float]) -> dict[str, Any]:
     return {"low": float(np.percentile(found, 2.5)), "high": float(np.percentile(found, 97.5)), "n": len(found)}
+
+
+def resamples(count: int, groups: Sequence[str] | None, samples: int, seed: int) -> Iterator[np.ndarray]:
+    """`samples` bootstrap resamples of `count` items as index arrays: whole groups (patients) drawn with
+    replacement when `groups` is given, else single items."""
+    rng = np.random.default_rng(seed)
+    if groups is not None:
+        _, group_index = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+        members = [np.flatnonzero(group_index == group) for group in range(group_index.max() + 1)]
+    else:
+        members = [np.array([index]) for index in range(count)]
+    for _ in range(samples):
+        yield np.concatenate([members[group] for group in rng.integers(0, len(members), len(members))])
 
 
 def bootstrap_intervals(
@@ -64,17 +77,9 @@ def bootstrap_intervals(
     names = list(label_names)
     if samples <= 0:
         return {"samples": 0, "unit": None, "seed": seed, "intervals": {}, "per_class": {}}
-    rng = np.random.default_rng(seed)
-    if groups is not None:
-        _, group_index = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
-        members = [np.flatnonzero(group_index == group) for group in range(group_index.max() + 1)]
-    else:
-        members = [np.array([index]) for index in range(len(labels))]
     values: dict[str, list[float]] = {key: [] for key in INTERVAL_KEYS}
     class_values = {name: {key: [] for key in PER_CLASS_INTERVAL_KEYS} for name in names}
-    for _ in range(samples):
-        chosen = rng.integers(0, len(members), len(members))
-        indices = np.concatenate([members[group] for group in chosen])
+    for indices in resamples(len(labels), groups, samples, seed):
         result = compute_classification_metrics(
             probabilities[indices], labels[indices], names, input_type="probabilities", ece_bins=ece_bins
         )
@@ -85,9 +90,9 @@ def bootstrap_intervals(
             for key, found in collected.items():
                 if _defined(result["per_class"][name][key]):
                     found.append(result["per_class"][name][key])
-    intervals = {key: _percentile_interval(found) for key, found in values.items() if found}
+    intervals = {key: percentile_interval(found) for key, found in values.items() if found}
     per_class = {
-        name: {key: _percentile_interval(found) for key, found in collected.items() if found}
+        name: {key: percentile_interval(found) for key, found in collected.items() if found}
         for name, collected in class_values.items()
         if any(collected.values())
     }
